@@ -1,0 +1,107 @@
+"""Properties of the tiny GPT: causality, shapes, initial loss, determinism, clear errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from tiny_gpt import GPT, GPTConfig
+
+
+def small_config(**kw):
+    base = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def make(seed=0, **kw):
+    return GPT(small_config(**kw), generator=torch.Generator().manual_seed(seed)).eval()
+
+
+@given(seed=st.integers(0, 2**16), T=st.integers(2, 16), data=st.data())
+def test_causality_future_tokens_never_change_past_logits(seed, T, data):
+    model = make(seed)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 23, (2, T), generator=g)
+    t = data.draw(st.integers(0, T - 2), label="t")
+    changed = idx.clone()
+    changed[:, t + 1:] = torch.randint(0, 23, (2, T - t - 1), generator=g)
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    # Exactly equal: the positions <= t see the same inputs through the same ops.
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=0)
+
+
+@given(n_layer=st.integers(1, 3), n_head=st.sampled_from([1, 2, 4]), head_size=st.integers(1, 8),
+       vocab=st.integers(2, 40), B=st.integers(1, 3), T=st.integers(1, 12), bias=st.booleans())
+def test_output_shapes(n_layer, n_head, head_size, vocab, B, T, bias):
+    cfg = GPTConfig(vocab_size=vocab, block_size=12, n_layer=n_layer, n_head=n_head,
+                    n_embd=n_head * head_size, bias=bias)
+    model = GPT(cfg, generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, vocab, (B, T))
+    logits, loss = model(idx)
+    assert logits.shape == (B, T, vocab) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@given(seed=st.integers(0, 2**16), vocab=st.integers(8, 200))
+def test_fresh_model_loss_is_near_ln_vocab(seed, vocab):
+    model = GPT(small_config(vocab_size=vocab, n_embd=32), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (4, 16), generator=g)
+    _, loss = model(idx, torch.randint(0, vocab, (4, 16), generator=g))
+    # Logits start with std ~ 0.02 * sqrt(n_embd) ~ 0.11, so the loss exceeds ln(V) by about
+    # var/2 ~ 0.01 on average; 0.05 leaves room for the sample.
+    assert abs(loss.item() - math.log(vocab)) < 0.05
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    a, b, c = make(5).state_dict(), make(5).state_dict(), make(6).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_named_linears_exist_and_lm_head_is_untied():
+    model = make()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"}
+    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+
+
+def test_generate_is_reproducible_and_top1_is_greedy():
+    model = make(3)
+    idx = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = model.generate(idx, 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 25) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
+    greedy = idx
+    for _ in range(20):  # the context outgrows block_size 16: generate must crop it
+        logits, _ = model(greedy[:, -16:])
+        greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, 20, top_k=1), greedy)
+
+
+def test_clear_errors():
+    model = make()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.full((1, 4), 23, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.full((1, 4), -1, dtype=torch.long))
+    with pytest.raises(TypeError, match="idx"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="targets"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_layer"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(dropout=1.0)
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT({"n_embd": 16})
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)
