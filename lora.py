@@ -111,6 +111,7 @@ class AdapterLinear(nn.Module):
                                 f"got {type(base).__name__}")
         if isinstance(base, AdapterLinear):
             raise TypeError("base already carries an adapter; adapters do not stack")
+        base.requires_grad_(False)  # "W0 is frozen and does not receive gradient updates" (sec. 4.1)
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -246,6 +247,8 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
 def replace_targets(model: nn.Module, targets, factory: Callable[[nn.Module], nn.Module]) -> list[str]:
     """Replace each target linear by `factory(linear)`, in place; return the replaced names."""
     names = find_targets(model, targets)
+    if "" in names:
+        raise ValueError("model is itself a linear layer: wrap it directly (e.g. LoRALinear(model, ...))")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -293,6 +296,10 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
     for key, param in expected.items():
+        if not isinstance(state[key], torch.Tensor) or not state[key].is_floating_point():
+            raise TypeError(f"adapter state {key!r} must be a floating-point tensor")
+        if not torch.isfinite(state[key]).all():
+            raise ValueError(f"adapter state {key!r} contains NaN or Inf")
         if tuple(state[key].shape) != tuple(param.shape):
             raise ValueError(f"adapter state {key!r} has shape {tuple(state[key].shape)}, "
                              f"the model expects {tuple(param.shape)}")
@@ -327,6 +334,9 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file torch.save's usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ Select one by hand with ``pytest --hypothesis-profile=dev``.
 import os
 import sys
 
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,3 +36,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# The tensors in the tests are tiny: handing each op to a second OpenMP thread costs more than the
+# arithmetic (a tiny GPT forward: 0.5 ms on 1 thread, up to 180 ms on 2 when the cores are busy).
+torch.set_num_threads(1)

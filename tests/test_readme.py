@@ -1,0 +1,61 @@
+"""The README stays true: every function it names exists, and CI runs the README's test command."""
+import importlib
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = ("tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "train", "bench")
+
+
+def read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def named_in_readme():
+    """Every `module.name[.attr...]` in backticks whose module is one of ours."""
+    pattern = re.compile(r"`(%s)\.([A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*)(?:\(\))?`"
+                         % "|".join(MODULES))
+    found = pattern.findall(read("README.md"))
+    return sorted({(m, attr) for m, attr in found if attr != "py"})  # `lora.py` is a file name
+
+
+def test_readme_names_many_functions():
+    # The map of equations to code names at least one function of each method's module.
+    modules = {m for m, _ in named_in_readme()}
+    assert {"tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim"} <= modules
+
+
+@pytest.mark.parametrize("module,attr", named_in_readme())
+def test_every_name_the_readme_gives_exists(module, attr):
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        assert hasattr(obj, part), f"README names {module}.{attr}, but {part!r} does not exist"
+        obj = getattr(obj, part)
+
+
+def test_every_file_the_readme_names_exists():
+    for name in set(re.findall(r"`([A-Za-z_/.-]+\.(?:py|txt|md))`", read("README.md"))):
+        assert os.path.exists(os.path.join(ROOT, name)), f"README names {name}, which is missing"
+
+
+def quick_start_commands():
+    section = read("README.md").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_quick_start_is_exactly_two_commands():
+    assert quick_start_commands() == [
+        "pip install -r requirements.txt && python train.py",
+        "pip install -r requirements-dev.txt && python -m pytest",
+    ]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
+    assert quick_start_commands()[1] in ci_lines
+    assert read(".ci/run").startswith("#!/usr/bin/env bash") and "set -euo pipefail" in read(".ci/run")
