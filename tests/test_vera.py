@@ -1,0 +1,504 @@
+"""Tests for vera.py: VeRA's equation, init, shared matrices, gradients, adapter files, PEFT's VeRA.
+
+Tolerances (stated next to each comparison):
+- exact (rtol=0, atol=0) where both sides run the same float operations: a fresh adapter adds exact
+  zeros; merge adds vera_delta to the weight; a saved and reloaded adapter recomputes the same bits.
+- float32 against a float64 reference of the equation: rtol 1e-5, atol 1e-6. The float32 side sums
+  up to 64 products per dot product in another order; the error bound is about K * eps = 64 * 6e-8
+  = 4e-6 of the sum of |terms|, which atol covers where the terms cancel.
+- float64: rtol 1e-12, atol 1e-12 (the same bound with eps = 1.1e-16).
+"""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora
+import vera
+from tiny_gpt import GPT, GPTConfig
+from vera import VeRALinear, VeRAProjection
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+EXACT = dict(rtol=0, atol=0)
+
+seeds = st.integers(0, 2**32)
+dtypes = st.sampled_from([torch.float32, torch.float64])
+
+
+@st.composite
+def layer_shapes(draw):
+    """(in, out, r, max_in, max_out): a layer and shared matrices at least as large."""
+    n_in, n_out, r = draw(st.integers(1, 24)), draw(st.integers(1, 24)), draw(st.integers(1, 16))
+    return n_in, n_out, r, n_in + draw(st.integers(0, 8)), n_out + draw(st.integers(0, 8))
+
+
+def make_layer(shape, seed, dtype, random_vectors=True, d_initial=0.1):
+    """A VeRALinear over a random nn.Linear; with `random_vectors`, lambda_d and lambda_b random."""
+    n_in, n_out, r, max_in, max_out = shape
+    gen = torch.Generator().manual_seed(seed)
+    base = nn.Linear(n_in, n_out, dtype=dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(n_out, n_in, generator=gen, dtype=dtype))
+        base.bias.copy_(torch.randn(n_out, generator=gen, dtype=dtype))
+    projection = VeRAProjection(r, max_in, max_out, seed, dtype=vera.adapter_dtype(dtype))
+    layer = VeRALinear(base, projection, d_initial=d_initial)
+    if random_vectors:
+        with torch.no_grad():
+            layer.lambda_d.copy_(torch.randn(r, generator=gen, dtype=dtype))
+            layer.lambda_b.copy_(torch.randn(n_out, generator=gen, dtype=dtype))
+    x = torch.randn(3, 2, n_in, generator=gen, dtype=dtype)  # (B, T, in)
+    return layer, x
+
+
+def tiny_gpt(n_layer=2, n_embd=16, seed=0, dtype=torch.float32):
+    config = GPTConfig(vocab_size=23, n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=8)
+    return GPT(config, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def token_batch(seed=0):
+    return torch.randint(0, 23, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def randomize_vectors(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for layer in vera.vera_layers(model).values():
+        for p in (layer.lambda_d, layer.lambda_b):
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared matrices.
+
+@given(r=st.integers(1, 16), max_in=st.integers(1, 40), max_out=st.integers(1, 40), seed=seeds,
+       other=seeds, extra_out=st.integers(1, 8))
+def test_projections_seeded_bounded_and_drawn_a_first(r, max_in, max_out, seed, other, extra_out):
+    A, B = vera.vera_projections(r, max_in, max_out, seed)
+    assert A.shape == (r, max_in) and B.shape == (max_out, r)
+    assert A.dtype == B.dtype == torch.float32
+    A2, B2 = vera.vera_projections(r, max_in, max_out, seed)
+    torch.testing.assert_close(A2, A, **EXACT)  # same seed, same bits
+    torch.testing.assert_close(B2, B, **EXACT)
+    if other != seed:
+        A3, B3 = vera.vera_projections(r, max_in, max_out, other)
+        assert not torch.equal(A3, A) and not torch.equal(B3, B)
+    # Kaiming-uniform: |entries| <= sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = the second dimension
+    assert A.abs().max() <= math.sqrt(6 / max_in) and B.abs().max() <= math.sqrt(6 / r)
+    # A is drawn first, so it does not depend on B's shape
+    A4, _ = vera.vera_projections(r, max_in, max_out + extra_out, seed)
+    torch.testing.assert_close(A4, A, **EXACT)
+
+
+def test_all_layers_share_one_storage_also_after_to_and_deepcopy():
+    model = vera.apply_vera(tiny_gpt(), "all-linear", r=4, seed=1)
+    projection = vera.vera_projection_of(model)
+
+    def check(model, projection, dtype):
+        layers = vera.vera_layers(model).values()
+        assert len(layers) == 12  # 2 blocks x 6 linears
+        for layer in layers:
+            assert layer.vera_projection is projection
+            pairs = ((layer.vera_A, projection.vera_A), (layer.vera_B, projection.vera_B))
+            for view, full in pairs:
+                assert view.dtype == dtype
+                assert view.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+                assert view.data_ptr() == full.data_ptr()  # a slice from the start, not a copy
+        assert next(iter(layers)).vera_A.shape == (4, 16)  # q_proj: (r, in)
+
+    check(model, projection, torch.float32)
+    model.to(torch.float64)  # converts the shared pair once; every layer still slices it
+    check(model, projection, torch.float64)
+    model.to("cpu")
+    check(model, projection, torch.float64)
+    twin = copy.deepcopy(model)  # what lora.merge_adapters does
+    twin_projection = vera.vera_projection_of(twin)
+    check(twin, twin_projection, torch.float64)
+    assert twin_projection.vera_A.data_ptr() != projection.vera_A.data_ptr()
+    # the matrices are in no state dict: neither the model's nor the adapter's
+    assert not [k for k in model.state_dict() if "vera_A" in k or "vera_B" in k]
+    assert all(k.endswith((".lambda_d", ".lambda_b")) for k in lora.adapter_state_dict(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer: init, equation, gradients, merge.
+
+@given(shape=layer_shapes(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.float64,
+                                                                 torch.bfloat16]),
+       d_initial=st.floats(-2, 2).filter(lambda d: d != 0))
+def test_fresh_adapter_equals_base(shape, seed, dtype, d_initial):
+    layer, x = make_layer(shape, seed, dtype, random_vectors=False, d_initial=d_initial)
+    assert torch.equal(layer.lambda_b, torch.zeros(shape[1], dtype=layer.lambda_b.dtype))
+    d = torch.full((shape[2],), d_initial, dtype=layer.lambda_d.dtype)
+    assert torch.equal(layer.lambda_d, d)
+    y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, layer.base(x), **EXACT)  # lambda_b = 0 adds exact zeros
+
+
+def test_fresh_adapter_leaves_the_gpt_unchanged():
+    model, idx = tiny_gpt(), token_batch()
+    expected, _ = model(idx)
+    vera.apply_vera(model, "all-linear", r=8, seed=3)
+    torch.testing.assert_close(model(idx)[0], expected, **EXACT)
+
+
+def equation_reference(layer, x):
+    """h = W0 x + b + Λ_b B Λ_d A x with explicit diagonal matrices, float64, column vectors."""
+    A, B = layer.vera_A.double(), layer.vera_B.double()
+    Ld, Lb = torch.diag(layer.lambda_d.double()), torch.diag(layer.lambda_b.double())
+    W0, b = layer.base.weight.double(), layer.base.bias.double()
+    cols = x.double().reshape(-1, x.shape[-1]).T  # (in, N): one column per token
+    h = W0 @ cols + b[:, None] + Lb @ B @ Ld @ A @ cols  # (out, N)
+    return h.T.reshape(*x.shape[:-1], -1)  # (..., out)
+
+
+@given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
+def test_forward_equals_the_equation(shape, seed, dtype):
+    layer, x = make_layer(shape, seed, dtype)
+    y = layer(x)
+    torch.testing.assert_close(y, equation_reference(layer, x).to(dtype), **TOL[dtype])
+    # the pure function computes the same bits as the module
+    pure = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
+                             layer.lambda_d, layer.lambda_b)
+    torch.testing.assert_close(pure, y, **EXACT)
+    # vera_delta is ΔW = Λ_b B Λ_d A
+    delta = torch.diag(layer.lambda_b.double()) @ layer.vera_B.double() \
+        @ torch.diag(layer.lambda_d.double()) @ layer.vera_A.double()
+    torch.testing.assert_close(layer.delta_weight(), delta.to(dtype), **TOL[dtype])
+
+
+@given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
+def test_only_the_vectors_get_gradients_and_they_are_the_analytic_ones(shape, seed, dtype):
+    layer, x = make_layer(shape, seed, dtype)
+    lora.mark_only_adapters_trainable(layer)
+    g = torch.randn(*x.shape[:-1], shape[1], generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=dtype)  # dL/dh for L = sum(h * g)
+    (layer(x) * g).sum().backward()
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert not layer.vera_projection.vera_A.requires_grad
+    assert not layer.vera_projection.vera_B.requires_grad
+    # Row form, in float64: Ax = x A^T (N, r), G (N, out).
+    A, B = layer.vera_A.double(), layer.vera_B.double()
+    d, b = layer.lambda_d.detach().double(), layer.lambda_b.detach().double()
+    Ax = x.double().reshape(-1, shape[0]) @ A.T  # (N, in) @ (in, r) -> (N, r)
+    G = g.double().reshape(-1, shape[1])  # (N, out)
+    grad_b = (G * ((Ax * d) @ B.T)).sum(0)  # dL/dλ_b = Σ_N g ⊙ (B (λ_d ⊙ A x))        (out,)
+    grad_d = (Ax * ((G * b) @ B)).sum(0)  # dL/dλ_d = Σ_N (A x) ⊙ (B^T (λ_b ⊙ g))      (r,)
+    torch.testing.assert_close(layer.lambda_b.grad, grad_b.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(layer.lambda_d.grad, grad_d.to(dtype), **TOL[dtype])
+
+
+def test_only_the_vectors_get_gradients_in_the_gpt():
+    model = vera.apply_vera(tiny_gpt(), "all-linear", r=4, seed=2)
+    randomize_vectors(model, 0)  # lambda_b = 0 at init would zero lambda_d's gradient
+    _, loss = model(token_batch(0), token_batch(1))
+    loss.backward()
+    vectors = {id(getattr(m, p)) for m in vera.vera_layers(model).values()
+               for p in ("lambda_d", "lambda_b")}
+    for name, p in model.named_parameters():
+        if id(p) in vectors:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+@given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
+def test_merge_and_unmerge(shape, seed, dtype):
+    layer, x = make_layer(shape, seed, dtype)
+    W0 = layer.base.weight.detach().clone()
+    delta = layer.delta_weight().detach()
+    y = layer(x)
+    layer.merge()
+    layer.merge()  # idempotent
+    assert layer.merged
+    torch.testing.assert_close(layer.base.weight, W0 + delta, **EXACT)  # W0 + ΔW, one rounding
+    torch.testing.assert_close(layer(x), y, **TOL[dtype])  # merged: base(x) alone
+    torch.testing.assert_close(layer.merged_weight(), W0 + delta, **EXACT)
+    layer.unmerge()
+    assert not layer.merged
+    # (W0 + Δ) - Δ returns W0 up to the two roundings: |err| <= eps/2 |W0 + Δ| + eps/2 |W0|
+    eps = torch.finfo(dtype).eps
+    assert ((layer.base.weight - W0).abs() <= eps * (W0.abs() + delta.abs())).all()
+
+
+def test_merge_adapters_gives_a_plain_gpt_with_the_same_outputs():
+    model = vera.apply_vera(tiny_gpt(), ("q_proj", "up_proj", "down_proj"), r=6, seed=4)
+    randomize_vectors(model, 1)
+    idx = token_batch()
+    merged = lora.merge_adapters(model)
+    assert not vera.vera_layers(merged) and vera.vera_layers(model)
+    torch.testing.assert_close(merged(idx)[0], model(idx)[0], **TOL[torch.float32])
+
+
+def test_dropout_is_on_the_adapter_input_only():
+    layer, x = make_layer((8, 6, 4, 8, 6), 0, torch.float32)
+    layer.vera_dropout = nn.Dropout(0.5)
+    layer.eval()
+    without = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
+                                layer.lambda_d, layer.lambda_b)
+    torch.testing.assert_close(layer(x), without, **EXACT)
+    layer.train()
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    dropped = F.dropout(x, 0.5, training=True)
+    expected = vera.add_vera(layer.base(x), dropped, layer.vera_A, layer.vera_B, layer.lambda_d,
+                             layer.lambda_b)
+    torch.testing.assert_close(y, expected, **EXACT)
+
+
+class FakeQuantizedLinear(nn.Module):
+    """A base with no dense `weight`, only `dequantized_weight()`, like qlora.NF4Linear."""
+    linear_like = True
+
+    def __init__(self, weight):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("stored", weight.to(torch.bfloat16))
+
+    def dequantized_weight(self):
+        return self.stored.float()
+
+    def forward(self, x):
+        return x @ self.dequantized_weight().T
+
+
+def test_works_on_a_quantized_base_through_dense_weight():
+    gen = torch.Generator().manual_seed(0)
+    base = FakeQuantizedLinear(torch.randn(5, 7, generator=gen))
+    layer = VeRALinear(base, VeRAProjection(3, 7, 5, seed=9))
+    with torch.no_grad():
+        layer.lambda_b.copy_(torch.randn(5, generator=gen))
+    x = torch.randn(4, 7, generator=gen)
+    expected = x @ (base.dequantized_weight() + layer.delta_weight()).T
+    torch.testing.assert_close(layer(x), expected, **TOL[torch.float32])
+    with pytest.raises(TypeError, match="merge_adapters"):
+        layer.merge()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter count and bad input.
+
+@given(n_layer=st.integers(1, 2), n_embd=st.sampled_from([8, 16, 32]), r=st.integers(1, 40))
+@settings(max_examples=10)
+def test_trainable_parameters_equal_the_formula(n_layer, n_embd, r):
+    C = n_embd
+    model = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=r, seed=0)
+    # Σ over the targets of (r + out): q, k, v, o, down have out = C, up has out = 4C
+    assert lora.count_trainable(model) == n_layer * (6 * r + 9 * C)
+    qv = vera.apply_vera(tiny_gpt(n_layer, C), ("q_proj", "v_proj"), r=r, seed=0)
+    assert lora.count_trainable(qv) == n_layer * 2 * (r + C)
+    lora_model = lora.apply_lora(tiny_gpt(n_layer, C), "all-linear", r=8, seed=0)
+    assert lora.count_trainable(lora_model) == n_layer * 144 * C  # Σ 8 (in + out)
+    # the proposed default rank r = C / 2: exactly 12x fewer than LoRA at rank 8, at every width
+    half = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=C // 2, seed=0)
+    assert lora.count_trainable(lora_model) == 12 * lora.count_trainable(half)
+
+
+def test_bad_rank_seed_d_initial_and_too_large_targets_raise_clearly():
+    for r in (0, -1, 1.5, True, "8"):
+        model = tiny_gpt()
+        with pytest.raises(ValueError, match="r \\(the rank\\)"):
+            vera.apply_vera(model, "all-linear", r=r, seed=0)
+        assert not vera.vera_layers(model)  # left untouched
+    for seed in (-1, 2**64, 1.0, None):
+        with pytest.raises(ValueError, match="seed"):
+            vera.apply_vera(tiny_gpt(), "all-linear", r=4, seed=seed)
+    for d_initial in (0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="d_initial"):
+            vera.apply_vera(tiny_gpt(), "all-linear", r=4, seed=0, d_initial=d_initial)
+    projection = VeRAProjection(4, 16, 16, seed=0)
+    for base in (nn.Linear(17, 16), nn.Linear(16, 17)):
+        with pytest.raises(ValueError, match="larger than the shared matrices"):
+            VeRALinear(base, projection)
+    with pytest.raises(TypeError, match="VeRAProjection"):
+        VeRALinear(nn.Linear(4, 4), projection=torch.zeros(4, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter files: round trip, switching, checksum.
+
+def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
+    model = vera.apply_vera(tiny_gpt(n_embd=n_embd), "all-linear", r=8, seed=seed)
+    randomize_vectors(model, vector_seed)
+    return model
+
+
+def test_save_load_round_trip_regenerates_the_matrices(tmp_path):
+    model, idx = trained_vera_gpt(0), token_batch()
+    path = str(tmp_path / "a.pt")
+    vera.save_vera_adapter(model, path)
+    assert os.listdir(tmp_path) == ["a.pt"]  # no temporary file left behind
+    # the file: the header, and one 1-D tensor of the vectors; no matrix
+    saved = torch.load(path, weights_only=True)
+    tensors = [v for v in saved.values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == 1 and tensors[0].dim() == 1
+    assert tensors[0].numel() == lora.count_trainable(model) == 2 * (6 * 8 + 9 * 16)
+    assert saved["seed"] == 3 and saved["checksum"] == vera.projection_checksum(
+        *vera.vera_projections(8, 64, 64, 3))
+    assert vera.adapter_file_bytes(path) == os.path.getsize(path)
+    fresh = tiny_gpt()  # the bare base: load applies VeRA with the file's targets, rank and seed
+    vera.load_vera_adapter(fresh, path)
+    torch.testing.assert_close(fresh(idx)[0], model(idx)[0], **EXACT)
+    for a, b in zip(vera.vera_layers(fresh).values(), vera.vera_layers(model).values()):
+        torch.testing.assert_close(a.vera_A, b.vera_A, **EXACT)
+        torch.testing.assert_close(a.lambda_b, b.lambda_b, **EXACT)
+    # loading into a model that already carries VeRA (same seed) only copies the vectors
+    other = trained_vera_gpt(1)
+    vera.load_vera_adapter(other, path)
+    torch.testing.assert_close(other(idx)[0], model(idx)[0], **EXACT)
+
+
+def test_switching_among_adapters_copies_vectors_only(tmp_path):
+    idx = token_batch()
+    paths, expected = [], []
+    for i in range(3):
+        model = trained_vera_gpt(10 + i)
+        paths.append(str(tmp_path / f"adapter{i}.pt"))
+        vera.save_vera_adapter(model, paths[-1])
+        expected.append(model(idx)[0])
+    live = vera.apply_vera(tiny_gpt(), "all-linear", r=8, seed=3)
+    layers = list(vera.vera_layers(live).values())
+    weights = [p.detach().clone() for p in live.parameters() if not p.requires_grad]
+    projection = vera.vera_projection_of(live)
+    A = projection.vera_A.clone()
+    adapters = [vera.read_vera_adapter(p) for p in paths]
+    for order in (0, 2, 1, 0):
+        vera.use_vera_adapter(live, adapters[order])
+        torch.testing.assert_close(live(idx)[0], expected[order], **EXACT)
+    assert list(vera.vera_layers(live).values()) == layers  # the same layer objects: no rebuild
+    assert vera.vera_projection_of(live) is projection and torch.equal(projection.vera_A, A)
+    frozen = [p for p in live.parameters() if not p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, weights))
+
+
+def test_checksum_mismatch_fails_clearly(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.pt")
+    vera.save_vera_adapter(trained_vera_gpt(0), path)
+    # 1. this machine's generator draws other matrices from the same seed than the training one did
+    draw = vera.vera_projections
+
+    def other_generator(r, max_in, max_out, seed):
+        A, B = draw(r, max_in, max_out, seed)
+        return A, B.flip(0)
+
+    monkeypatch.setattr(vera, "vera_projections", other_generator)
+    bare = tiny_gpt()
+    with pytest.raises(ValueError, match="checksum mismatch.*seed 3"):
+        vera.load_vera_adapter(bare, path)
+    assert not vera.vera_layers(bare)  # refused before changing the model
+    monkeypatch.undo()
+    # 2. a stored checksum that does not belong to the seed's matrices
+    saved = torch.load(path, weights_only=True)
+    saved["checksum"] = "0" * 64
+    lora.atomic_save(saved, path)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        vera.load_vera_adapter(trained_vera_gpt(0), path)
+
+
+def test_loading_an_adapter_that_does_not_fit_fails_clearly(tmp_path):
+    path = str(tmp_path / "a.pt")
+    vera.save_vera_adapter(trained_vera_gpt(0, seed=3), path)
+    with pytest.raises(ValueError, match="seed=3.*seed=4"):
+        vera.load_vera_adapter(trained_vera_gpt(0, seed=4), path)
+    wide = tiny_gpt(n_embd=32)
+    with pytest.raises(ValueError, match="no layer 'blocks.0.attn.q_proj' with 16 in, 16 out"):
+        vera.load_vera_adapter(wide, path)
+    assert not vera.vera_layers(wide)  # the failed load left the model as it was
+    with pytest.raises(ValueError, match="max_in=64"):
+        vera.load_vera_adapter(trained_vera_gpt(0, n_embd=32), path)
+    mlp = vera.apply_vera(tiny_gpt(), ("up_proj", "down_proj"), r=8, seed=3)  # same max shapes
+    with pytest.raises(ValueError, match="do not match the model's VeRA layers"):
+        vera.load_vera_adapter(mlp, path)
+    merged = trained_vera_gpt(1)
+    for layer in vera.vera_layers(merged).values():
+        layer.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        vera.load_vera_adapter(merged, path)
+    model = trained_vera_gpt(2)
+    before = lora.adapter_state_dict(model)
+    short = vera.vera_adapter(trained_vera_gpt(1))
+    short["vectors"] = short["vectors"][:-1]
+    with pytest.raises(ValueError, match="'vectors' must have shape"):
+        vera.use_vera_adapter(model, short)
+    for key, value in lora.adapter_state_dict(model).items():  # nothing copied
+        torch.testing.assert_close(value, before[key], **EXACT)
+    saved = torch.load(path, weights_only=True)
+    saved["max_in"] = 80  # still holds every layer, but is not what apply_vera would draw
+    lora.atomic_save(saved, path)
+    bare = tiny_gpt()
+    with pytest.raises(ValueError, match="widest layers"):
+        vera.load_vera_adapter(bare, path)
+    assert not vera.vera_layers(bare)
+    saved["vectors"][3] = float("nan")
+    lora.atomic_save(saved, path)
+    with pytest.raises(ValueError, match="NaN"):
+        vera.read_vera_adapter(path)
+    lora.atomic_save(lora.adapter_state_dict(trained_vera_gpt(0)), path)
+    with pytest.raises(ValueError, match="not a VeRA adapter"):
+        vera.read_vera_adapter(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT's VeRA as the reference.
+
+class ThreeLinears(nn.Module):
+    """Three linears of different shapes, so each slices the shared matrices differently."""
+
+    def __init__(self, width, hidden, narrow):
+        super().__init__()
+        self.lin1 = nn.Linear(width, hidden)
+        self.lin2 = nn.Linear(hidden, narrow)
+        self.lin3 = nn.Linear(narrow, width)
+
+    def forward(self, x):
+        return self.lin3(F.gelu(self.lin2(F.gelu(self.lin1(x)))))
+
+
+@given(seed=seeds, r=st.integers(1, 12), widths=st.tuples(*[st.integers(1, 20)] * 3),
+       d_initial=st.sampled_from([0.1, 1.0, -0.5]))
+@settings(max_examples=15)
+def test_matches_peft_vera(seed, r, widths, d_initial):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)  # for nn.Linear's own init and PEFT's placeholder vectors
+    model = ThreeLinears(*widths)
+    targets = ["lin1", "lin2", "lin3"]
+    ours = vera.apply_vera(copy.deepcopy(model), targets, r=r, seed=seed, d_initial=d_initial)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(
+        r=r, target_modules=targets, projection_prng_key=seed, d_initial=d_initial))
+    projection = vera.vera_projection_of(ours)
+    torch.testing.assert_close(projection.vera_A, theirs.base_model.vera_A["default"], **EXACT)
+    torch.testing.assert_close(projection.vera_B, theirs.base_model.vera_B["default"], **EXACT)
+    peft_layers = {name: getattr(theirs.base_model.model, name) for name in targets}
+    for name in targets:  # both start at lambda_d = d_initial, lambda_b = 0
+        torch.testing.assert_close(getattr(ours, name).lambda_d,
+                                   peft_layers[name].vera_lambda_d["default"], **EXACT)
+        torch.testing.assert_close(getattr(ours, name).lambda_b,
+                                   peft_layers[name].vera_lambda_b["default"], **EXACT)
+    randomize_vectors(ours, seed + 1)
+    with torch.no_grad():
+        for name in targets:
+            peft_layers[name].vera_lambda_d["default"].copy_(getattr(ours, name).lambda_d)
+            peft_layers[name].vera_lambda_b["default"].copy_(getattr(ours, name).lambda_b)
+    x = torch.randn(5, widths[0], generator=torch.Generator().manual_seed(seed))
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, **TOL[torch.float32])  # other association order
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for name in targets:
+        for ours_p, theirs_p in ((getattr(ours, name).lambda_d, peft_layers[name].vera_lambda_d),
+                                 (getattr(ours, name).lambda_b, peft_layers[name].vera_lambda_b)):
+            torch.testing.assert_close(ours_p.grad, theirs_p["default"].grad, **TOL[torch.float32])
+    with torch.no_grad():
+        theirs.merge_adapter()
+        for name in targets:
+            getattr(ours, name).merge()
+            # the same operations as PEFT's get_delta_weight, (Λ_b B)(Λ_d A), so the same bits
+            torch.testing.assert_close(getattr(ours, name).base.weight,
+                                       peft_layers[name].base_layer.weight, **EXACT)
