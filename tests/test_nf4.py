@@ -1,0 +1,465 @@
+"""Tests for nf4.py: properties of the format, edge cases, and bitsandbytes as the byte-level oracle.
+
+Tolerances: bytes, indices, absmax, offsets and dequantized values that bitsandbytes also computes are
+compared with torch.equal (bit equality). Error bounds are per element, in float64, with the slack
+of float32 arithmetic and of the output dtype's rounding stated where they are used.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import nf4
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# log10 of the weight scale per input dtype: wide for float32/bfloat16, and within float16's normal
+# range (6e-5 .. 65504) so that neither the input nor code * absmax falls into float16's subnormals.
+SCALE_EXPONENTS = {torch.float32: (-30, 30), torch.bfloat16: (-30, 30), torch.float16: (-2, 2)}
+
+
+@st.composite
+def weights(draw, max_numel=600):
+    """A random weight: 1-3 dims, any dtype, normal values at a random scale, some blocks zeroed."""
+    dims = []
+    for _ in range(draw(st.integers(1, 3))):
+        dims.append(draw(st.integers(1, min(40, max_numel // math.prod(dims)))))
+    dtype = draw(st.sampled_from(DTYPES))
+    low, high = SCALE_EXPONENTS[dtype]
+    scale = 10.0 ** draw(st.integers(low, high))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = torch.randn(math.prod(dims), generator=generator, dtype=torch.float64) * scale
+    if draw(st.booleans()):  # an all-zero run, which covers whole blocks for the small blocksizes
+        start = draw(st.integers(0, w.numel() - 1))
+        w[start:start + draw(st.integers(1, 128))] = 0.0
+    return w.to(dtype).reshape(dims)
+
+
+blocksizes = st.sampled_from(nf4.ALLOWED_BLOCKSIZES)
+small_blocksizes = st.sampled_from((32, 64, 128))  # several blocks even in a small tensor
+
+
+def per_element_absmax(absmax, blocksize, n):
+    return absmax.repeat_interleave(blocksize)[:n]  # (n,) the scale of each element's block
+
+
+# ----------------------------------------------------------------------------- code tables
+def test_nf4_code_structure_and_quantiles():
+    code = nf4.nf4_code()
+    assert code.dtype == torch.float32 and code.shape == (16,)
+    assert bool((code[1:] > code[:-1]).all())
+    assert code[0] == -1.0 and code[-1] == 1.0 and code[nf4.NF4_ZERO_INDEX] == 0.0
+    # an independent float64 route: Phi^-1 at evenly spaced probabilities from the offset to 1/2,
+    # normalised by Phi^-1(offset). It differs from bitsandbytes' float32 route by rounding only.
+    from scipy.stats import norm
+    top = norm.ppf(nf4.NF4_OFFSET)
+    positive = norm.ppf(torch.linspace(nf4.NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1].numpy()) / top
+    negative = -norm.ppf(torch.linspace(nf4.NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1].numpy()) / top
+    torch.testing.assert_close(code[8:].double(), torch.tensor(positive).flip(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(code[:7].double(), torch.tensor(negative), rtol=1e-6, atol=0)
+    code.zero_()  # callers get copies: the cached table stays intact
+    assert nf4.nf4_code()[0] == -1.0 and nf4.dynamic_code()[0] != 0
+
+
+def test_dynamic_code_structure():
+    code = nf4.dynamic_code()
+    assert code.dtype == torch.float32 and code.shape == (256,)
+    assert bool((code[1:] > code[:-1]).all())  # 256 distinct values
+    assert code[-1] == 1.0 and 0.0 in code.tolist() and code[0] == torch.tensor(-0.99296875)
+    # seven decades of linear fractions: 2^i values in [10^(i-7), 10^(i-6)) for i = 0..6
+    positive = code[code > 0][:-1]
+    decades = torch.floor(torch.log10(positive.double())).long()
+    assert torch.bincount(decades + 7).tolist() == [2**i for i in range(7)]
+
+
+def test_storage_formula():
+    assert nf4.nf4_bits_per_parameter(64, double_quant=False) == 4.5  # 4 + 32/64
+    assert round(nf4.nf4_bits_per_parameter(64, double_quant=True), 3) == 4.127  # sec. 3: 0.127 bits
+
+
+# ----------------------------------------------------------------------------- nearest code
+def test_midpoints_take_the_lower_code():
+    for code in (nf4.nf4_code(), nf4.dynamic_code()):  # bracket lookup and bucketize paths
+        midpoints = (code[:-1] + code[1:]) / 2
+        below = torch.nextafter(midpoints, torch.tensor(-2.0))
+        above = torch.nextafter(midpoints, torch.tensor(2.0))
+        lower = torch.arange(code.numel() - 1, dtype=torch.uint8)
+        assert torch.equal(nf4.nearest_code_index(midpoints, code), lower)
+        assert torch.equal(nf4.nearest_code_index(below, code), lower)
+        assert torch.equal(nf4.nearest_code_index(above, code), lower + 1)
+
+
+@given(st.lists(st.floats(-1, 1, width=32), min_size=2, max_size=40, unique=True), st.integers(0, 2**31 - 1))
+def test_bracket_lookup_equals_bucketize(values, seed):
+    code = torch.tensor(sorted(values), dtype=torch.float32)
+    assume(bool((code[1:] > code[:-1]).all()))  # -0.0 and 0.0 are one value
+    midpoints = (code[:-1] + code[1:]) / 2
+    generator = torch.Generator().manual_seed(seed)
+    edges = torch.tensor([-1.0, 1.0, -0.0, 1.0000001, -3.0, 2.5, -math.inf, math.inf])
+    scaled = torch.cat([torch.rand(500, generator=generator) * 2 - 1, midpoints, code,
+                        torch.nextafter(midpoints, torch.tensor(2.0)), edges])
+    expected = torch.bucketize(scaled, midpoints, right=False)  # #(midpoints < s), the reference rule
+    assert torch.equal(nf4.nearest_code_index(scaled, code).long(), expected)
+
+
+@given(weights(), small_blocksizes, st.sampled_from(["nf4", "dynamic"]))
+def test_quantize_blockwise_picks_nearest_code(w, blocksize, table):
+    code = nf4.nf4_code() if table == "nf4" else nf4.dynamic_code()
+    indices, absmax = nf4.quantize_blockwise(w, code, blocksize)
+    assert indices.shape == w.shape and indices.dtype == torch.uint8 and int(indices.max()) < code.numel()
+    x = w.reshape(-1).double()
+    blocks_absmax = torch.stack([b.abs().max() for b in x.split(blocksize)])  # a Python loop: the reference
+    assert torch.equal(absmax.double(), blocks_absmax)
+    scaled = x / per_element_absmax(blocks_absmax, blocksize, x.numel()).clamp(min=nf4.ABSMAX_FLOOR)
+    distance = (scaled.unsqueeze(1) - code.double()).abs()  # (n, K)
+    chosen = distance.gather(1, indices.reshape(-1, 1).long()).squeeze(1)
+    # nearest up to float32 scaling (2^-23 relative) and the float32 rounding of midpoints (2^-24)
+    assert bool((chosen <= distance.min(dim=1).values + 2.0**-21 * scaled.abs()).all())
+
+
+# ----------------------------------------------------------------------------- NF4 properties
+@given(weights(), blocksizes, st.booleans())
+def test_dequantized_values_are_block_scaled_code_values(w, blocksize, double_quant):
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    indices = nf4.unpack_nibbles(q.packed, w.numel())
+    assert int(indices.max()) <= 15 and q.absmax.numel() == -(-w.numel() // blocksize)
+    scales = per_element_absmax(nf4.nf4_absmax(q), blocksize, w.numel())
+    expected = (nf4.nf4_code()[indices.long()] * scales).to(w.dtype)  # float32 product, one rounding
+    out = nf4.dequantize_nf4(q)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    assert torch.equal(out.reshape(-1), expected)
+    assert torch.equal(nf4.dequantize_nf4(q, torch.float32).reshape(-1), nf4.nf4_code()[indices.long()] * scales)
+
+
+@given(weights(), blocksizes)
+def test_largest_magnitude_in_each_block_is_exact(w, blocksize):
+    q = nf4.quantize_nf4(w, blocksize, double_quant=False)
+    x, out = w.reshape(-1), nf4.dequantize_nf4(q).reshape(-1)
+    for start in range(0, x.numel(), blocksize):  # a loop over blocks is fine in a test
+        block = x[start:start + blocksize].float()
+        largest = start + int(block.abs().argmax())
+        assert out[largest] == x[largest]
+
+
+@given(weights(), blocksizes, st.booleans())
+def test_quantize_of_dequantize_is_a_fixed_point(w, blocksize, double_quant):
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    if double_quant:  # a scale that double quantization pushed to <= 0 flips its block: no fixed point
+        true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax
+        assume(bool((nf4.nf4_absmax(q)[true_absmax > 0] > 0).all()))
+    again = nf4.quantize_nf4(nf4.dequantize_nf4(q), blocksize, double_quant)
+    assert torch.equal(again.packed, q.packed)
+    if not double_quant:
+        assert torch.equal(again.absmax, q.absmax)
+
+
+@given(weights(), blocksizes, st.booleans())
+def test_round_trip_error_is_bounded(w, blocksize, double_quant):
+    code = nf4.nf4_code().double()
+    half_widest_gap = (code[1:] - code[:-1]).max() / 2  # 0.1519, between -1.0 and -0.6962
+    true_absmax = per_element_absmax(nf4.quantize_nf4(w, blocksize, False).absmax.double(), blocksize, w.numel())
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    used_absmax = per_element_absmax(nf4.nf4_absmax(q).double(), blocksize, w.numel())
+    error = (w.reshape(-1).double() - nf4.dequantize_nf4(q).reshape(-1).double()).abs()
+    # |w - q_k a'| <= |w - q_k a| + |q_k| |a - a'| <= gap/2 a + |a - a'|, plus float32 scaling
+    # (2^-22 a), the float32 product (2^-24 a') and the output dtype's rounding (eps/2 of a value at
+    # most a', or half a subnormal step)
+    finfo = torch.finfo(w.dtype)
+    bound = (half_widest_gap + 2.0**-22) * true_absmax + (true_absmax - used_absmax).abs()
+    bound += (2.0**-24 + finfo.eps / 2) * used_absmax.abs() + finfo.tiny * finfo.eps
+    assert bool((error <= bound).all())
+
+
+@given(st.lists(st.integers(0, 15), max_size=300))
+def test_pack_unpack_round_trip_and_layout(values):
+    indices = torch.tensor(values, dtype=torch.uint8)
+    packed = nf4.pack_nibbles(indices)
+    padded = values + [nf4.NF4_ZERO_INDEX] * (len(values) % 2)
+    assert packed.tolist() == [16 * padded[i] + padded[i + 1] for i in range(0, len(padded), 2)]  # even: high
+    assert torch.equal(nf4.unpack_nibbles(packed, len(values)), indices)
+
+
+@given(weights(max_numel=480), blocksizes, st.booleans())
+def test_results_depend_only_on_flattened_values(w, blocksize, double_quant):
+    n = w.numel()
+    other_shape = (n,) if w.dim() > 1 else (1, n, 1)
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    r = nf4.quantize_nf4(w.reshape(other_shape), blocksize, double_quant)
+    for name, tensor in q.tensors().items():
+        assert torch.equal(tensor, r.tensors()[name]), name
+    assert torch.equal(nf4.dequantize_nf4(r).reshape(w.shape), nf4.dequantize_nf4(q))
+    transposed = nf4.quantize_nf4(w.t().contiguous().t(), blocksize, double_quant) if w.dim() == 2 else q
+    assert torch.equal(transposed.packed, q.packed)  # non-contiguous input, same flattened values
+
+
+@given(weights(), small_blocksizes)
+def test_double_quantized_absmax_within_dynamic_resolution(w, blocksize):
+    true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax
+    q = nf4.quantize_nf4(w, blocksize, True)
+    assert q.absmax.dtype == torch.uint8 and q.offset.dtype == torch.float32
+    assert torch.equal(q.offset, true_absmax.mean())  # "subtract the mean" (sec. 3)
+    dynamic = nf4.dynamic_code().double()
+    half_widest_gap = (dynamic[1:] - dynamic[:-1]).max() / 2  # 0.00703, near +-1
+    nested = per_element_absmax(q.nested_absmax.double(), nf4.NESTED_BLOCKSIZE, true_absmax.numel())
+    error = (nf4.nf4_absmax(q).double() - true_absmax.double()).abs()
+    # plus float32 rounding of the scaling, the product and the sum (a few ulps of the operands)
+    rounding = 2.0**-22 * (nested + true_absmax.double() + q.offset.double().abs())
+    bound = (half_widest_gap + 2.0**-22) * nested + rounding
+    assert bool((error <= bound).all())
+
+
+# ----------------------------------------------------------------------------- storage and plumbing
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_storage_accounting(double_quant):
+    rows, cols, blocksize = 64, 512, 64  # 32768 weights: 512 blocks, 2 nested blocks
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    n, nblocks = rows * cols, rows * cols // blocksize
+    expected_bytes = n // 2 + (nblocks + 4 * (nblocks // 256) + 4 if double_quant else 4 * nblocks)
+    assert q.numel == n and q.nbytes == expected_bytes
+    theory = nf4.nf4_bits_per_parameter(blocksize, double_quant)
+    assert q.bits_per_parameter == pytest.approx(theory + (32 / n if double_quant else 0), rel=1e-12)
+
+
+def test_tensors_buffers_state_dict_round_trip():
+    w = torch.randn(40, 50, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    q = nf4.quantize_nf4(w, 32)
+    assert set(q.tensors()) == {"packed", "absmax", "nested_absmax", "offset"}
+    assert set(nf4.quantize_nf4(w, 32, double_quant=False).tensors()) == {"packed", "absmax"}
+    module, fresh = torch.nn.Module(), torch.nn.Module()
+    for name, tensor in q.tensors().items():
+        module.register_buffer(name, tensor)
+        fresh.register_buffer(name, torch.zeros_like(tensor))
+    fresh.load_state_dict(module.state_dict())
+    restored = nf4.NF4Weight.from_tensors({name: getattr(fresh, name) for name in q.tensors()}, **q.metadata())
+    assert torch.equal(nf4.dequantize_nf4(restored), nf4.dequantize_nf4(q))
+    moved = q.to("cpu")
+    assert moved is not q and moved.metadata() == q.metadata()
+    assert all(torch.equal(t, q.tensors()[k]) for k, t in moved.tensors().items())
+
+
+def test_inconsistent_fields_are_rejected():
+    q = nf4.quantize_nf4(torch.randn(100), 32)
+    with pytest.raises(ValueError, match="packed"):
+        nf4.NF4Weight.from_tensors({**q.tensors(), "packed": q.packed[:-1]}, **q.metadata())
+    with pytest.raises(ValueError, match="absmax"):
+        nf4.NF4Weight.from_tensors({**q.tensors(), "absmax": q.absmax.float()}, **q.metadata())
+    with pytest.raises(ValueError, match="nested"):
+        nf4.NF4Weight.from_tensors({"packed": q.packed, "absmax": q.absmax}, **q.metadata())
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_all_zero_blocks_dequantize_to_exact_zeros(dtype, double_quant):
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    w[1] = 0.0
+    for tensor in (w, torch.zeros(3, 70, dtype=dtype)):
+        q = nf4.quantize_nf4(tensor, 64, double_quant)
+        out = nf4.dequantize_nf4(q)
+        assert not bool(out.isnan().any())
+        assert bool((out[tensor == 0] == 0).all())
+    assert torch.equal(nf4.quantize_nf4(w, 64, False).absmax[1], torch.tensor(0.0))
+
+
+def test_tiny_blocks_stay_finite_and_bounded():
+    w = torch.tensor([1e-40, -3e-41, 0.0, 2e-39] * 8)  # subnormals, below ABSMAX_FLOOR
+    out = nf4.dequantize_nf4(nf4.quantize_nf4(w, 32, False))
+    assert bool(out.isfinite().all()) and bool((out.abs() <= w.abs().max()).all())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_or_inf_is_rejected(bad):
+    w = torch.randn(3, 70)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match="w contains NaN or Inf"):
+        nf4.quantize_nf4(w)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        nf4.quantize_blockwise(w.bfloat16(), nf4.nf4_code(), 64)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_empty_tensor(shape, double_quant):
+    q = nf4.quantize_nf4(torch.empty(shape, dtype=torch.float16), 64, double_quant)
+    assert q.numel == 0 and q.packed.numel() == 0 and q.absmax.numel() == 0
+    out = nf4.dequantize_nf4(q)
+    assert out.shape == shape and out.dtype == torch.float16
+    assert math.isnan(q.bits_per_parameter)
+
+
+def test_scalar_and_requires_grad_inputs():
+    w = torch.nn.Parameter(torch.tensor(-2.5))
+    out = nf4.dequantize_nf4(nf4.quantize_nf4(w))
+    assert out.shape == () and out.item() == -2.5 and not out.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.uint8, torch.bool, torch.float64])
+def test_unsupported_dtype_is_a_type_error(dtype):
+    with pytest.raises(TypeError, match="w must be a float32, float16 or bfloat16 tensor"):
+        nf4.quantize_nf4(torch.ones(64, dtype=dtype))
+    with pytest.raises(TypeError, match="dtype"):
+        nf4.dequantize_nf4(nf4.quantize_nf4(torch.ones(64)), dtype)
+
+
+@pytest.mark.parametrize("blocksize", [100, 16, 8192, 0, -64, 64.0, True])
+def test_disallowed_blocksize_is_a_value_error(blocksize):
+    with pytest.raises(ValueError, match=r"blocksize must be a power of two in \[32, 4096\], got"):
+        nf4.quantize_nf4(torch.ones(64), blocksize)
+
+
+def test_bad_code_table_is_rejected():
+    with pytest.raises(ValueError, match="code"):
+        nf4.quantize_blockwise(torch.ones(64), nf4.nf4_code().flip(0), 64)
+    with pytest.raises(ValueError, match="code"):
+        nf4.quantize_blockwise(torch.ones(64), nf4.nf4_code().double(), 64)
+
+
+# ----------------------------------------------------------------------------- bitsandbytes oracle
+@pytest.fixture(scope="module")
+def bnb():
+    bnb = pytest.importorskip("bitsandbytes")
+    # bitsandbytes wraps its fallback 4-bit dequantizer (odd last dimension) in torch.compile; eager
+    # mode runs the same float32 operations, without compile time that would dominate this file.
+    with torch._dynamo.config.patch(disable=True):
+        yield bnb
+
+
+def bnb_quantize(bnb, w, blocksize, double_quant):
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                                 compress_statistics=double_quant)
+    return packed, state
+
+
+def bnb_dequantize(bnb, packed, state, shape):
+    """bitsandbytes' dequantization of the flattened tensor, reshaped.
+
+    Its AVX-512 CPU kernel (taken when the last dimension is a multiple of 16) looks up the scale of
+    row r, column c at absmax[r * (cols // blocksize) + c // blocksize], which is wrong when blocks
+    cross rows: (8, 32) with blocksize 64 comes back with the wrong scales (bitsandbytes 0.50.2). On a
+    single row that lookup is right, so the oracle is bnb's dequantization of the flattened tensor.
+    """
+    flat_state = copy.copy(state)
+    flat_state.shape = torch.Size([math.prod(shape)])
+    return bnb.functional.dequantize_4bit(packed, flat_state).reshape(shape)
+
+
+def bnb_handles_shape(shape, blocksize):
+    """Where bitsandbytes' own n-D dequantization is right on every CPU (see bnb_dequantize)."""
+    return len(shape) > 0 and (shape[-1] % blocksize == 0 or shape[-1] % 16 != 0)
+
+
+def nf4_weight_from_bnb(packed, state, shape, double_quant):
+    return nf4.NF4Weight(packed.reshape(-1), state.absmax, state.state2.absmax if double_quant else None,
+                         state.offset if double_quant else None, shape, state.dtype, state.blocksize,
+                         nf4.NESTED_BLOCKSIZE if double_quant else None)
+
+
+def assert_nested_codes_nearest(ours, theirs, scales, q):
+    """bitsandbytes' CPU code picks the 8-bit code through a 65,536-bin table, which misses the exact
+    nearest code for about 0.15% of scales: ours must be at least as near everywhere."""
+    dynamic = nf4.dynamic_code().double()
+    nested = per_element_absmax(q.nested_absmax.double(), nf4.NESTED_BLOCKSIZE, scales.numel())
+    target = (scales.double() - q.offset.double()) / nested.clamp(min=nf4.ABSMAX_FLOOR)
+    our_distance = (dynamic[ours.long()] - target).abs()
+    their_distance = (dynamic[theirs.long()] - target).abs()
+    assert bool((our_distance <= their_distance + 2.0**-22).all())
+    # where a nested block's absmax is 0 (all its scales equal the mean) bnb writes code 0 and we the
+    # code of 0.0; both dequantize to exactly the offset
+    differ = (ours != theirs) & (nested != 0)
+    return differ.double().mean().item()
+
+
+def test_code_tables_match_bitsandbytes(bnb):
+    assert torch.equal(nf4.nf4_code(), bnb.functional.get_4bit_type("nf4", device="cpu")[:16])
+    assert torch.equal(nf4.dynamic_code(), bnb.functional.create_dynamic_map(signed=True))
+    _, state = bnb_quantize(bnb, torch.randn(64), 64, True)
+    assert torch.equal(nf4.nf4_code(), state.code[:16]) and torch.equal(nf4.dynamic_code(), state.state2.code)
+
+
+# sizes below, equal to and not a multiple of the blocksize; odd and even last dimensions (bnb takes
+# different dequantization paths for them); 1-D (bnb returns (1, n) there, its issue 2047) to 3-D
+ORACLE_CASES = [((64,), 64), ((7,), 32), ((3, 100), 64), ((33, 65), 128), ((5, 4, 27), 32),
+                ((3, 100), 4096), ((130, 64), 256), ((2, 2049), 2048)]
+
+
+@pytest.mark.parametrize("shape, blocksize", ORACLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_same_bytes_as_bitsandbytes(bnb, shape, blocksize, dtype, double_quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + blocksize)).to(dtype)
+    packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    assert torch.equal(q.packed, packed.reshape(-1))
+    if double_quant:
+        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax)
+        scales = nf4.quantize_nf4(w, blocksize, False).absmax
+        assert_nested_codes_nearest(q.absmax, state.absmax, scales, q)
+    expected = bnb_dequantize(bnb, packed, state, shape)
+    if not double_quant:
+        assert torch.equal(q.absmax, state.absmax) and torch.equal(nf4.dequantize_nf4(q), expected)
+    # our dequantizer on bitsandbytes' own state, nested codes included, gives its values bit for bit
+    ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, shape, double_quant))
+    assert torch.equal(ours, expected)
+    if bnb_handles_shape(shape, blocksize):
+        assert torch.equal(ours, bnb.functional.dequantize_4bit(packed, state).reshape(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_medium_matrix_matches_bitsandbytes(bnb, dtype):
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.rand(256, 1, generator=generator) * 4 + 0.1  # varied row scales: varied absmax
+    w = (torch.randn(256, 1000, generator=generator) * rows).to(dtype)  # 4000 blocks, 16 nested, partial
+    packed, state = bnb_quantize(bnb, w, 64, True)
+    q = nf4.quantize_nf4(w, 64, True)
+    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.offset, state.offset)
+    assert torch.equal(q.nested_absmax, state.state2.absmax)
+    mismatch = assert_nested_codes_nearest(q.absmax, state.absmax, nf4.quantize_nf4(w, 64, False).absmax, q)
+    assert mismatch < 0.01  # bitsandbytes reports ~0.15%
+    expected = bnb.functional.dequantize_4bit(packed, state)  # 1000 % 16 != 0: bnb's scalar path
+    assert torch.equal(nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, True)), expected)
+
+
+def test_ties_zero_blocks_and_partial_block_division_match_bitsandbytes(bnb):
+    code = nf4.nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    # absmax 1.0 makes the scaled values the midpoints themselves: each must take the lower code
+    ties = torch.cat([torch.tensor([1.0]), midpoints, -midpoints, torch.zeros(64 - 32), torch.tensor([-0.0])])
+    # a partial last block where x * (1/a) and x / a fall on opposite sides of the lowest midpoint
+    a, x = float.fromhex("0x1.400f4ep+2"), -float.fromhex("0x1.0f7108p+2")
+    a32, x32 = torch.tensor(a), torch.tensor(x)
+    assert bool(x32 * a32.reciprocal() <= midpoints[0]) != bool(x32 / a32 <= midpoints[0])
+    w = torch.cat([ties, torch.zeros(64), torch.tensor([a, x, a, x]), torch.zeros(60), torch.tensor([a, x])])
+    packed, state = bnb_quantize(bnb, w, 64, False)
+    q = nf4.quantize_nf4(w, 64, False)
+    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    indices = nf4.unpack_nibbles(q.packed, w.numel())
+    assert torch.equal(indices[1:16].long(), torch.arange(15))
+    assert indices[129] != indices[193]  # same values, full block multiplies, partial block divides
+    assert state.absmax[1] == 0 and bool((nf4.dequantize_nf4(q)[64:128] == 0).all())
+    # all-zero blocks: bnb's 4-bit path stores absmax 0 for a full block, 1e-38 for a partial one
+    zeros = torch.zeros(3, 70)
+    packed, state = bnb_quantize(bnb, zeros, 64, False)
+    q = nf4.quantize_nf4(zeros, 64, False)
+    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    assert q.absmax.tolist() == [0.0, 0.0, 0.0, torch.tensor(nf4.ABSMAX_FLOOR).item()]
+    packed, state = bnb_quantize(bnb, zeros, 64, True)
+    q = nf4.quantize_nf4(zeros, 64, True)
+    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.offset, state.offset)
+    assert bool((nf4.dequantize_nf4(q) == 0).all())
+
+
+@settings(max_examples=15)
+@given(weights(max_numel=2000), blocksizes, st.booleans())
+def test_random_weights_match_bitsandbytes(bnb, w, blocksize, double_quant):
+    packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    assert torch.equal(q.packed, packed.reshape(-1))
+    if double_quant:
+        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax)
+    else:
+        assert torch.equal(q.absmax, state.absmax)
+    expected = bnb_dequantize(bnb, packed, state, w.shape)
+    assert torch.equal(nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, double_quant)), expected)
