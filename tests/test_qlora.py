@@ -1,0 +1,622 @@
+"""Tests for qlora.py: NF4Linear against nn.Linear and float64, QLoRA against LoRA on the dequantized
+base, state dicts, dtype casts, training with PagedAdamW, merging, storage, memory and bad inputs.
+
+Oracles: `nn.Linear` holding the dequantized weight (bit for bit in float32 compute: the same matmul on
+the same numbers), plain autograd through the dense weight (for the hand-written backward), LoRA on an
+`nn.Linear` base (for QLoRA), and float64 references with stated tolerances elsewhere. The dequantized
+weight in the references is `nf4.dequantize_nf4(nf4.quantize_nf4(W))`, not read from the layer.
+
+Tolerances against a float64 reference are absolute, TOL · scale, where `scale` is the largest sum of
+absolute terms (|x| |W|^T + |b|): a sum of n products computed in floating point errs by at most about
+that much times the unit roundoff (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1).
+CUDA variants run where a GPU exists (parametrized `device`) and skip cleanly where not.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import lora
+import nf4
+import qlora
+from paged_optim import PagedAdamW
+from tiny_gpt import GPT, GPTConfig
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+# Unit roundoff u = 2^-p of each dtype (p: bits of significand precision).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
+                 torch.float64: 2.0 ** -53}
+# Products are accumulated in float32 for every compute dtype but float64. With at most 150 terms the
+# worst case is 150u = 9e-6, the usual random-walk growth sqrt(150)u = 7e-7; 2e-6 covers what occurs.
+ACCUMULATION_TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float32_accumulation_on_cuda():
+    """The tolerances assume 16-bit products are summed in float32; cuBLAS may otherwise reduce split
+    sums in 16 bits (torch's default allows it). No effect on the CPU."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
+    yield
+    matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+
+
+def deterministic_attention(device):
+    """On CUDA the math attention kernel: the fused kernels' backward may accumulate with atomics, which
+    is not bit-reproducible, and the model-level tests compare two runs bit for bit."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def tol(compute_dtype, x_dtype) -> float:
+    """x and W rounded to the compute dtype (2u), the result rounded to it (u) and to x's dtype."""
+    return 3 * UNIT_ROUNDOFF[compute_dtype] + UNIT_ROUNDOFF[x_dtype] + ACCUMULATION_TOL[compute_dtype]
+
+
+def make_linear(in_features, out_features, bias, seed, device="cpu") -> nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear.to(device)
+
+
+def dequantized_reference(linear, blocksize, double_quant) -> torch.Tensor:
+    """The float32 weight the layer should compute with, straight from nf4."""
+    return nf4.dequantize_nf4(nf4.quantize_nf4(linear.weight.detach(), blocksize, double_quant), torch.float32)
+
+
+def storage(layer: qlora.NF4Linear) -> dict:
+    return {name: getattr(layer, name).clone() for name in ("packed", "absmax", "nested_absmax", "offset",
+                                                             "nf4_format") if hasattr(layer, name)}
+
+
+def reference(f, *tensors):
+    exact = f(*(t.detach().double() for t in tensors))
+    scale = f(*(t.detach().double().abs() for t in tensors)).abs().max().item()
+    return exact, scale
+
+
+layer_shapes = dict(
+    in_features=st.integers(1, 150),  # multiples and non-multiples of every blocksize below
+    out_features=st.integers(1, 24),
+    blocksize=st.sampled_from([32, 64, 128]),
+    double_quant=st.booleans(),
+    bias=st.booleans(),
+    lead=st.sampled_from([(3,), (2, 5)]),
+    seed=st.integers(0, 2 ** 31 - 1),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NF4Linear on its own.
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(**layer_shapes)
+def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, out_features, blocksize,
+                                                         double_quant, bias, lead, seed):
+    """float32 compute: output and input gradient bit for bit those of nn.Linear(dequantized W)."""
+    linear = make_linear(in_features, out_features, bias, seed, device)
+    layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype=torch.float32)
+    W = dequantized_reference(linear, blocksize, double_quant)
+    assert torch.equal(layer.dequantized_weight(), W)
+    dense = copy.deepcopy(linear)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, expected = layer(x1), dense(x2)
+    assert y.dtype == torch.float32 and torch.equal(y, expected)
+    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
+    y.backward(g)
+    expected.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    assert all(not t.requires_grad and t.grad is None for t in layer.buffers())
+    assert not [n for n, p in layer.named_parameters() if p.requires_grad]  # frozen, bias included
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(**layer_shapes, compute_dtype=st.sampled_from(COMPUTE_DTYPES),
+       x_dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_forward_and_input_gradient_against_float64(device, in_features, out_features, blocksize,
+                                                    double_quant, bias, lead, seed, compute_dtype, x_dtype):
+    """y = x W^T + b computed in the compute dtype and returned in x's dtype; dL/dx = dL/dy W."""
+    linear = make_linear(in_features, out_features, bias, seed, device)
+    layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
+    W = dequantized_reference(linear, blocksize, double_quant)
+    b = linear.bias if bias else torch.zeros(out_features, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, in_features, generator=g, dtype=torch.float64).to(device, x_dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == x_dtype and y.shape == (*lead, out_features)
+    assert layer.dequantized_weight().dtype == compute_dtype
+    exact, scale = reference(lambda x, W, b: x @ W.T + b, x, W, b)
+    torch.testing.assert_close(y.double(), exact, rtol=0.0, atol=tol(compute_dtype, x_dtype) * scale)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device, x_dtype)
+    y.backward(grad_y)
+    exact, scale = reference(lambda g, W: g @ W, grad_y, W)
+    assert x.grad.dtype == x_dtype
+    torch.testing.assert_close(x.grad.double(), exact, rtol=0.0, atol=tol(compute_dtype, x_dtype) * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(**layer_shapes, compute_dtype=st.sampled_from(COMPUTE_DTYPES))
+def test_hand_written_backward_equals_autograd_through_the_dense_weight(
+        device, in_features, out_features, blocksize, double_quant, bias, lead, seed, compute_dtype):
+    """The custom autograd Function (W dequantized again in backward) against plain autograd through
+    F.linear on the dequantized weight: output and input gradient bit for bit; the bias gradient
+    (only when a user unfreezes it) up to the summation order of N terms in the compute dtype."""
+    layer = qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed, device),
+                                        blocksize, double_quant, compute_dtype)
+    if bias:
+        layer.bias.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, in_features, generator=g).to(device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bias2 = None if not bias else layer.bias.detach().clone().requires_grad_()
+    y1 = layer(x1)
+    y2 = F.linear(x2.to(compute_dtype), layer.dequantized_weight(),
+                  None if bias2 is None else bias2.to(compute_dtype)).to(x2.dtype)
+    assert torch.equal(y1, y2)
+    grad_y = torch.randn(y1.shape, generator=g).to(device)
+    y1.backward(grad_y)
+    y2.backward(grad_y)
+    assert torch.equal(x1.grad, x2.grad)
+    if bias:
+        n_terms = math.prod(lead)  # each bias gradient sums N values, rounded in the compute dtype
+        atol = (n_terms + 1) * UNIT_ROUNDOFF[compute_dtype] * grad_y.abs().sum(dim=tuple(range(len(lead)))).max()
+        torch.testing.assert_close(layer.bias.grad, bias2.grad, rtol=0.0, atol=atol.item())
+
+
+def test_backward_saves_only_the_4bit_storage():
+    """Nothing of the dense weight's size is kept for backward (autograd through F.linear keeps W)."""
+    layer = qlora.NF4Linear.from_linear(make_linear(128, 64, True, 0), compute_dtype=torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+
+    def saved_by(f):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            f(x).sum().backward()
+        return saved
+
+    ours = saved_by(layer)
+    assert ours and all(t.numel() < 64 * 128 / 4 for t in ours if t.dtype != torch.uint8)
+    assert sum(t.numel() for t in ours if t.dtype == torch.uint8) <= 64 * 128 / 2 + 64 * 128 / 64
+    dense = saved_by(lambda x: F.linear(x, layer.dequantized_weight(), layer.bias))
+    assert any(t.numel() == 64 * 128 and t.is_floating_point() for t in dense)  # what ours avoids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(**layer_shapes)
+def test_state_dict_round_trip_restores_the_same_bytes(device, in_features, out_features, blocksize,
+                                                       double_quant, bias, lead, seed):
+    layer = qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed, device),
+                                        blocksize, double_quant, compute_dtype=torch.float32)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True, map_location=device)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # tensor-only, safetensors-friendly
+    fresh = qlora.NF4Linear(in_features, out_features, bias, blocksize=blocksize, double_quant=double_quant,
+                            compute_dtype=torch.float32, device=device)
+    fresh.load_state_dict(state)
+    for name, tensor in storage(layer).items():
+        loaded = getattr(fresh, name)
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor), name
+    if bias:
+        assert torch.equal(fresh.bias, layer.bias)
+    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed)).to(device)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_loading_another_layout_fails_clearly():
+    layer = qlora.NF4Linear.from_linear(make_linear(128, 32, False, 0), blocksize=64)
+    state = layer.state_dict()
+    for other, what in [(dict(blocksize=128), "nf4_format"), (dict(double_quant=False), "nf4_format")]:
+        target = qlora.NF4Linear(128, 32, False, **other)
+        kept = storage(target)
+        with pytest.raises(ValueError, match=what):
+            target.load_state_dict(state)
+        assert all(torch.equal(kept[k], getattr(target, k)) for k in kept)  # nothing half-loaded
+    with pytest.raises(ValueError, match=r"nf4_format.*\[32, 128, 64, 256\]"):
+        qlora.NF4Linear(32, 128, False).load_state_dict(state)  # same byte counts, transposed shape
+    # Without the format record: a float32 absmax does not slip into uint8 codes.
+    plain = qlora.NF4Linear.from_linear(make_linear(128, 32, False, 0), blocksize=64, double_quant=False)
+    partial = {k: v for k, v in plain.state_dict().items() if k in ("packed", "absmax")}
+    with pytest.raises(ValueError, match="absmax.*torch.float32.*torch.uint8"):
+        layer.load_state_dict(partial, strict=False)
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "bfloat16", "to_float64"])
+def test_dtype_casts_move_but_never_cast_the_4bit_storage(cast):
+    """Module casts leave packed codes and float32 statistics as they are (a cast would round them);
+    the bias is cast like any parameter; the compute dtype stays; outputs follow the input's dtype."""
+    for double_quant in (True, False):
+        linear = make_linear(100, 12, True, 3)
+        layer = qlora.NF4Linear.from_linear(linear, 32, double_quant, compute_dtype=torch.float32)
+        before, W = storage(layer), layer.dequantized_weight()
+        layer = layer.to(torch.float64) if cast == "to_float64" else getattr(layer, cast)()
+        dtype = {"double": torch.float64, "to_float64": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}[cast]
+        for name, tensor in before.items():
+            assert getattr(layer, name).dtype == tensor.dtype and torch.equal(getattr(layer, name), tensor)
+        assert layer.bias.dtype == dtype and layer.compute_dtype == torch.float32
+        assert torch.equal(layer.dequantized_weight(), W)
+        x = torch.randn(5, 100, dtype=torch.float64).to(dtype)
+        expected = F.linear(x.float(), W, layer.bias.float()).to(dtype)
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_device_moves_every_buffer(device):
+    layer = qlora.NF4Linear.from_linear(make_linear(64, 8, True, 0), compute_dtype=torch.float32)
+    moved = copy.deepcopy(layer).to(device)
+    for name, tensor in storage(layer).items():
+        assert getattr(moved, name).device.type == device
+        assert torch.equal(getattr(moved, name).cpu(), tensor)
+    x = torch.randn(3, 64)
+    _, scale = reference(lambda x, W, b: x @ W.T + b, x, layer.dequantized_weight(), layer.bias)
+    # CPU and GPU GEMMs sum 64 float32 products in other orders
+    torch.testing.assert_close(moved(x.to(device)).cpu(), layer(x), rtol=0.0, atol=ACCUMULATION_TOL[torch.float32] * scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# QLoRA equals LoRA on the dequantized base.
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(**layer_shapes, r=st.integers(1, 6), compute_dtype=st.sampled_from(COMPUTE_DTYPES[:3]))
+def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, out_features, blocksize,
+                                                         double_quant, bias, lead, seed, r, compute_dtype):
+    """float32 compute: outputs and gradients (x, A, B) bit for bit LoRA's on nn.Linear(dequantized W);
+    other compute dtypes: within the base's rounding of the float64 value of the same formula."""
+    linear = make_linear(in_features, out_features, bias, seed, device)
+    W = dequantized_reference(linear, blocksize, double_quant)
+    qlayer = lora.LoRALinear(qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype),
+                             r, 4.0, generator=torch.Generator().manual_seed(seed))
+    dense = copy.deepcopy(linear)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+    layer = lora.LoRALinear(dense, r, 4.0, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained adapter: B != 0
+        B = torch.randn(out_features, r, generator=g).to(device)
+        qlayer.lora_B.copy_(B)
+        layer.lora_B.copy_(B)
+    assert qlayer.lora_A.dtype == torch.float32 and torch.equal(qlayer.lora_A, layer.lora_A)
+    x = torch.randn(*lead, in_features, generator=g).to(device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = qlayer(x1), layer(x2)
+    grad_y = torch.randn(y1.shape, generator=g).to(device)
+    y1.backward(grad_y)
+    y2.backward(grad_y)
+    pairs = [(y1, y2), (x1.grad, x2.grad), (qlayer.lora_A.grad, layer.lora_A.grad),
+             (qlayer.lora_B.grad, layer.lora_B.grad)]
+    if compute_dtype == torch.float32:
+        for ours, theirs in pairs:
+            assert torch.equal(ours, theirs)
+        return
+    b = linear.bias if bias else torch.zeros(out_features, device=device)
+    s = qlayer.scaling
+    exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + s * (x @ A.T) @ B.T, x, W, b, layer.lora_A, B)
+    torch.testing.assert_close(y1.double(), exact, rtol=0.0, atol=tol(compute_dtype, torch.float32) * scale)
+    exact, scale = reference(lambda g, W, A, B: g @ W + s * (g @ B) @ A, grad_y, W, layer.lora_A, B)
+    torch.testing.assert_close(x1.grad.double(), exact, rtol=0.0, atol=tol(compute_dtype, torch.float32) * scale)
+    # dL/dA and dL/dB depend on x and dL/dy only, not on W: they equal LoRA's bit for bit.
+    assert torch.equal(qlayer.lora_A.grad, layer.lora_A.grad) and torch.equal(qlayer.lora_B.grad, layer.lora_B.grad)
+
+
+def make_gpt(seed=0, n_layer=2, n_embd=32, vocab_size=13):
+    config = GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=n_layer, n_head=2, n_embd=n_embd)
+    return GPT(config, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens(seed, vocab_size=13, batch=3, T=16):
+    return torch.randint(0, vocab_size, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def dequantized_twin(qmodel: nn.Module, base: nn.Module) -> nn.Module:
+    """`base` with every linear that is NF4 in `qmodel` holding the dequantized weight instead."""
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in qmodel.named_modules():
+            if isinstance(module, qlora.NF4Linear):
+                twin.get_submodule(name).weight.copy_(module.dequantized_weight())
+    return twin
+
+
+def nf4_buffers(model):
+    return {f"{n}.{b}": t.clone() for n, m in model.named_modules() if isinstance(m, qlora.NF4Linear)
+            for b, t in m.named_buffers(recurse=False)}
+
+
+def randomize_adapters(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.adapter_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
+    """Tiny GPT, float32 compute: logits, loss and every adapter gradient equal LoRA's on the dequantized
+    model bit for bit, and so do the adapters after PagedAdamW steps (budget 0: state paged out after
+    every step). The 4-bit buffers never change and never receive a gradient."""
+    base = make_gpt(seed).to(device)
+    qmodel = qlora.quantize_model(copy.deepcopy(base), compute_dtype=torch.float32)
+    twin = dequantized_twin(qmodel, base)
+    models = [lora.apply_lora(m, r=4, alpha=8.0, seed=seed) for m in (qmodel, twin)]
+    optimizers = [PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0,
+                             device_budget_bytes=0) for m in models]
+    frozen = nf4_buffers(qmodel)
+    assert len(frozen) == 2 * 6 * 5  # 2 blocks x 6 linears x (packed, absmax, nested, offset, format)
+    for step in range(3):
+        idx = tokens(seed + step).to(device)
+        outputs = []
+        for model, optimizer in zip(models, optimizers):
+            with deterministic_attention(device):
+                logits, loss = model(idx, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            outputs.append((logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}))
+            optimizer.step()
+        (l1, loss1, g1), (l2, loss2, g2) = outputs
+        assert torch.equal(l1, l2) and torch.equal(loss1, loss2)
+        assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
+        # equal to the dense twin's, the first block's gradients passed through every later 4-bit layer
+        assert g1["blocks.0.attn.q_proj.lora_B"].abs().sum() > 0
+    trained = [{n: p for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    assert all(layer.lora_B.abs().sum() > 0 for layer in lora.adapter_layers(qmodel).values())  # trained
+    after = nf4_buffers(qmodel)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    for module in qmodel.modules():
+        if isinstance(module, qlora.NF4Linear):
+            assert all(t.grad is None and not t.requires_grad for t in module.buffers())
+            assert module.bias.grad is None and not module.bias.requires_grad
+    optimized = {id(p) for group in optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(t) for layer in lora.adapter_layers(qmodel).values()
+                         for t in (layer.lora_A, layer.lora_B)}
+
+
+def test_prepare_qlora_is_the_recipe_and_trains():
+    """NF4 base (bfloat16 compute) in every block linear, LoRA on each, lm_head/embeddings/norms as they
+    were, PagedAdamW over exactly the adapters; a few steps on one batch lower its loss."""
+    base = make_gpt(0)
+    reference_model = copy.deepcopy(base)
+    model, optimizer = qlora.prepare_qlora(base, r=4, alpha=8.0, lr=1e-2, seed=0, device_budget_bytes=4096)
+    assert model is base and isinstance(optimizer, PagedAdamW) and optimizer.device_budget_bytes == 4096
+    for block in model.blocks:
+        for name in BLOCK_LINEARS:
+            layer = getattr(block.attn if name in BLOCK_LINEARS[:4] else block.mlp, name)
+            assert isinstance(layer, lora.LoRALinear) and isinstance(layer.base, qlora.NF4Linear)
+            assert layer.base.compute_dtype == torch.bfloat16 and layer.base.blocksize == 64
+            assert layer.base.double_quant
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, reference_model.lm_head.weight)
+    assert torch.equal(model.tok_emb.weight, reference_model.tok_emb.weight)
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    assert lora.count_trainable(model) == 2 * 4 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
+    frozen = nf4_buffers(model)
+    idx = tokens(5)
+    losses = []
+    for _ in range(6):
+        _, loss = model(idx, idx)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(t, nf4_buffers(model)[k]) for k, t in frozen.items())
+
+
+def test_qlora_gpt_checkpoint_round_trip():
+    """What train.py's resume does: a QLoRA model's state dict, saved and loaded (weights_only) into a
+    QLoRA model prepared from another base, restores every byte and the logits."""
+    model, _ = qlora.prepare_qlora(make_gpt(0, n_layer=1), r=2, alpha=4.0, compute_dtype=torch.float32, seed=0)
+    randomize_adapters(model, 0)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other, _ = qlora.prepare_qlora(make_gpt(1, n_layer=1), r=2, alpha=4.0, compute_dtype=torch.float32, seed=1)
+    idx = tokens(3)
+    assert not torch.equal(other(idx)[0], model(idx)[0])
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    saved, loaded = model.state_dict(), other.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(saved[k].dtype == loaded[k].dtype and torch.equal(saved[k], loaded[k]) for k in saved)
+    assert torch.equal(other(idx)[0], model(idx)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merging.
+
+# Merged computes x (W + s B A)^T where unmerged adds s (x A^T) B^T: other roundings, propagated through
+# two blocks and the head. Observed at most 3e-7 of max|logit| in float32; 1e-5 leaves room.
+MODEL_MERGE_TOL = 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
+    base = make_gpt(seed)
+    model, _ = qlora.prepare_qlora(copy.deepcopy(base), r=4, alpha=8.0, compute_dtype=torch.float32, seed=seed)
+    randomize_adapters(model, seed)
+    idx = tokens(seed)
+    adapted, _ = model(idx)
+    merged = lora.merge_adapters(model)
+    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
+    assert [(k, v.shape, v.dtype) for k, v in merged.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in base.state_dict().items()]
+    out, _ = merged(idx)
+    torch.testing.assert_close(out, adapted, rtol=0.0, atol=MODEL_MERGE_TOL * adapted.abs().max().item())
+    assert torch.equal(model(idx)[0], adapted)  # the QLoRA model itself is left as it was
+    with pytest.raises(TypeError, match="merge_adapters"):
+        model.blocks[0].attn.q_proj.merge()  # no in-place merge into 4-bit storage
+    # W0 + s B A is off the NF4 grid: quantizing the merged model again changes every weight.
+    requantized = qlora.quantize_model(copy.deepcopy(merged), compute_dtype=torch.float32)
+    for name, module in requantized.named_modules():
+        if isinstance(module, qlora.NF4Linear):
+            assert not torch.equal(module.dequantized_weight(), merged.get_submodule(name).weight), name
+    assert not torch.equal(requantized(idx)[0], out)
+
+
+@given(**layer_shapes, compute_dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features, blocksize, double_quant,
+                                                       bias, lead, seed, compute_dtype):
+    """16-bit compute: the merged nn.Linear holds round(W + round(s B A)) in the compute dtype; its
+    output on x in that dtype is within 16-bit rounding of the adapted layer's."""
+    layer = lora.LoRALinear(qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed),
+                                                        blocksize, double_quant, compute_dtype), 3, 6.0,
+                              generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(out_features, 3, generator=torch.Generator().manual_seed(seed)))
+    merged = lora.merge_adapters(nn.Sequential(layer))[0]
+    W = layer.base.dequantized_weight()
+    assert type(merged) is nn.Linear and merged.weight.dtype == compute_dtype
+    assert torch.equal(merged.weight, W + layer.delta_weight().to(compute_dtype))
+    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    adapted = layer(x)
+    b = layer.base.bias if bias else torch.zeros(out_features)
+    _, scale = reference(lambda x, W, b, A, B: x @ W.T + b + 2.0 * (x @ A.T) @ B.T, x, W, b, layer.lora_A,
+                         layer.lora_B)
+    # adapted is within tol of exact; merged rounds x, s B A, the sum, and the output: 4u more
+    torch.testing.assert_close(merged(x.to(compute_dtype)).double(), adapted.double(), rtol=0.0,
+                               atol=(tol(compute_dtype, torch.float32) + 4 * UNIT_ROUNDOFF[compute_dtype]) * scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage and memory.
+
+def expected_nf4_bytes(n: int, blocksize: int, double_quant: bool) -> int:
+    """Per tensor: n/2 bytes of codes; a float32 absmax per block, or with double quantization a uint8
+    code per block, a float32 nested absmax per 256 blocks and one float32 offset."""
+    blocks = -(-n // blocksize)
+    if not double_quant:
+        return -(-n // 2) + 4 * blocks
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
+
+
+@pytest.mark.parametrize("n_embd", [16, 32, 64, 128])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bits_per_parameter_for_the_tiny_gpt_shapes(n_embd, double_quant):
+    """4.5 bits without double quantization; with it 4 + 8/64 + 32/(64·256) = 4.127 for a large tensor,
+    plus 32/n for each tensor's float32 offset, plus the unused part of a partial nested block when the
+    64 n_embd² / 64 blocks of a layer are not a multiple of 256 (n_embd < 128)."""
+    model = qlora.quantize_model(make_gpt(0, n_layer=1, n_embd=n_embd), double_quant=double_quant)
+    layers = [m for m in model.modules() if isinstance(m, qlora.NF4Linear)]
+    assert len(layers) == 6
+    for layer in layers:
+        n = layer.in_features * layer.out_features
+        assert layer.quantized_weight.nbytes == expected_nf4_bytes(n, 64, double_quant)
+    report = qlora.qlora_memory_report(model)
+    n_total = 4 * n_embd ** 2 + 2 * 4 * n_embd ** 2
+    assert report["quantized_parameters"] == n_total
+    bits = report["bits_per_parameter"]
+    assert bits == 8 * sum(expected_nf4_bytes(l.in_features * l.out_features, 64, double_quant)
+                           for l in layers) / n_total
+    if not double_quant:
+        assert bits == 4.5
+    elif n_embd == 128:  # every layer holds whole nested blocks: only the offsets add to 4.127
+        assert bits == 4 + 8 / 64 + 32 / (64 * 256) + 6 * 32 / n_total  # 4.1279
+        assert round(4 + 8 / 64 + 32 / (64 * 256), 3) == 4.127 and bits - 4.127 < 1e-3
+    else:
+        assert bits > 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def test_memory_report_counts_every_byte():
+    """One block of the default width (128): every figure from shapes, and the total equals the bytes
+    of all parameters, buffers, gradients and optimizer moments."""
+    C, r, V = 128, 8, 13
+    model, optimizer = qlora.prepare_qlora(make_gpt(0, n_layer=1, n_embd=C, vocab_size=V), r=r,
+                                           compute_dtype=torch.float32, seed=0)
+    empty = qlora.qlora_memory_report(model, optimizer)
+    assert empty["gradients"] == 0 and empty["optimizer_state"] == 0
+    _, loss = model(tokens(0, V), tokens(0, V))
+    loss.backward()
+    optimizer.step()
+    report = qlora.qlora_memory_report(model, optimizer)
+    n = 12 * C * C  # q, k, v, o: C², up and down: 4 C²
+    adapters = 4 * r * (4 * 2 * C + 2 * 5 * C)  # float32 A and B, r·(in + out) per layer
+    assert report["nf4_weights"] == n // 2
+    assert report["nf4_statistics"] == (4 * (256 + 4 + 4) + 2 * (1024 + 16 + 4))  # codes, nested, offset
+    assert report["adapters"] == adapters and report["gradients"] == adapters
+    assert report["optimizer_state"] == 2 * adapters == report["optimizer_state_on_device"]
+    # tok_emb, pos_emb (block_size 16), 3 norms (weight, bias), biases of q k v o up down, lm_head
+    other = 4 * (V * C + 16 * C + 3 * 2 * C + (4 * C + 4 * C + C) + V * C) + 6 * 16  # + nf4_format
+    assert report["other_weights"] == other
+    everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert report["total"] == everything + adapters + 2 * adapters  # + gradients + two moments
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        dense = qlora.dense_weight_bytes(model, dtype)
+        assert dense["quantized_layers"] == size * n
+        assert dense["base_model"] == size * (n + (other - 6 * 16) // 4)
+    ratio = (report["nf4_weights"] + report["nf4_statistics"]) / qlora.dense_weight_bytes(model, torch.float32)[
+        "quantized_layers"]
+    assert ratio == report["bits_per_parameter"] / 32 and abs(ratio - 4.127 / 32) < 0.001 / 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs.
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_gpt(0, n_layer=1)
+    pristine = copy.deepcopy(model)
+    with pytest.raises(TypeError, match="ln_1.*not a linear"):
+        qlora.quantize_model(model, ("q_proj", "ln_1"))
+    with pytest.raises(TypeError, match="tok_emb.*not a linear"):
+        qlora.quantize_model(model, "tok_emb")
+    with pytest.raises(ValueError, match="matches no module"):
+        qlora.quantize_model(model, "nonexistent")
+    for bad in (torch.int32, torch.complex64, torch.bool, "bfloat16", None):
+        with pytest.raises(TypeError, match="compute_dtype"):
+            qlora.quantize_model(model, compute_dtype=bad)
+        with pytest.raises(TypeError, match="compute_dtype"):
+            qlora.NF4Linear(8, 8, compute_dtype=bad)
+    with pytest.raises(ValueError, match="blocksize"):
+        qlora.quantize_model(model, blocksize=48)
+    with pytest.raises(TypeError, match="double_quant"):
+        qlora.quantize_model(model, double_quant="yes")
+    # a failed call leaves the model untouched
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+    assert not any(isinstance(m, qlora.NF4Linear) for m in model.modules())
+    qlora.quantize_model(model)
+    with pytest.raises(TypeError, match="already quantized"):
+        qlora.quantize_model(model, "q_proj")
+    lora.apply_lora(model, r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="adapters"):
+        qlora.quantize_model(model, "lm_head")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        qlora.NF4Linear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        qlora.NF4Linear.from_linear(nn.Linear(4, 4).double())
+    with pytest.raises(ValueError, match="in_features"):
+        qlora.NF4Linear(0, 4)
+    layer = qlora.NF4Linear.from_linear(nn.Linear(64, 4))
+    with pytest.raises(ValueError, match="in_features=64"):
+        layer(torch.randn(3, 32))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 64, dtype=torch.long))
+    poisoned = nn.Linear(4, 4)
+    with torch.no_grad():
+        poisoned.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qlora.NF4Linear.from_linear(poisoned)
