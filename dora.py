@@ -1,0 +1,248 @@
+"""DoRA: LoRA on the direction of each weight row, plus a trainable magnitude per row.
+
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353. Section 3.2
+writes a weight as magnitude times direction, W = m V / ||V||_c (eq. 2, as weight normalization
+does); section 4.1 trains the magnitude m directly and the direction with LoRA (eq. 5):
+
+    W' = m ⊙ V / ||V||,   V = W0 + s B A,   m initialised to ||W0||,   s = alpha / r
+
+The paper's W is (d, k) = (in, out) and ||.||_c is the norm of each *column*, one per output. In
+this project's nn.Linear layout W0 is (out, in): the same norms are those of each output *row*,
+and m has shape (out,). Below, "⊙" scales row i of a matrix, or column i of activations, by entry
+i of an (out,) vector. A fresh adapter has B = 0, so V = W0 and m = ||V||: W' = W0, the base.
+
+The forward, without building W' for the activations (`dora_forward`). With n = ||V|| and
+g = m / n, both (out,), the update is ΔW = W' − W0 = g ⊙ V − W0 = (g − 1) ⊙ W0 + g ⊙ s B A.
+Dropout d acts, as in LoRA, on the input of the update only; the frozen path W0 x + b sees x:
+
+    y = W0 x + b + ΔW d(x) = W0 x + b + (g − 1) ⊙ W0 d(x) + g ⊙ s B A d(x)          (F)
+
+The bias belongs to the frozen path and is not rescaled (as in PEFT, and as in the merged layer
+W' x + b). Regrouping (F) gives the cheapest exact forms, with V d(x) = W0 d(x) + s B (A d(x)):
+  * no dropout (p = 0, or eval mode): d(x) = x and y = g ⊙ V x + b. One big GEMM for W0 x, the
+    rank-r pair fused into it by one addmm, and one addcmul: LoRA's GEMMs, plus the row norm
+    (its cost does not grow with the number of tokens) and elementwise passes over (N, out).
+  * dropout: y = W0 (x − d(x)) + b + g ⊙ V d(x). Two big GEMMs, as x and d(x) differ.
+Autograd through x W'^T would instead build the dense (out, in) gradient of W' in the backward,
+a GEMM as large as full fine-tuning's, which is what low-rank adaptation exists to avoid.
+
+Detached norm (section 4.3): the paper treats ||V|| as a constant in backpropagation; it follows
+B and A in the forward but gets no gradient. Then ∇_V L = g ⊙ ∇_W' L, without the projection
+(I − V V^T / n^2) of each row's gradient that section 4.2 derives (eq. 6); ∇_m L is unchanged,
+as m is not in n. Here the norm is computed under torch.no_grad(): no graph is kept for V, and
+the backward is LoRA's with g ⊙ ∇_y L in place of ∇_y L, plus one (out,) reduction for ∇_m.
+`detach_norm=False` keeps the norm in the graph (the exact gradient of eq. 5): autograd then
+saves V, an (out, in) tensor per adapted layer (a second copy of every adapted weight), until the
+backward, and builds the dense (out, in) gradient −(g c / n^2) ⊙ V, c = Σ_tokens ∇_y L ⊙ V d(x),
+which it sends through the addmm into A and B (two more GEMMs of size out · in · r).
+
+Zero rows: where a row of V is all zeros, ||V|| = 0 and m / ||V|| is 0 / 0 (PEFT returns NaN
+there: its issue 2049). The norm is taken as max(||V||, DORA_NORM_EPS), as
+torch.nn.functional.normalize does, so rows with ||V|| >= DORA_NORM_EPS are computed exactly as
+without it. A zero row of W0 gets m = 0: its output stays b, and neither m nor that row of B gets
+a gradient. DoRA gives a zero vector no direction to learn, so the row stays zero (not NaN).
+
+Per adapted layer DoRA trains r (in + out) + out parameters: LoRA's plus m.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import ALL_LINEAR, LoRALinear, dense_weight, mark_only_adapters_trainable, replace_targets
+
+# Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
+# normal number in float32, float64 and bfloat16, and leaves every row with ||V|| >= 1e-12 exact.
+DORA_NORM_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions: what an oracle user calls. Letters: N tokens (leading dims flattened), r rank.
+
+def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
+    """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
+    share one floating dtype, and the scaling is a finite number."""
+    for name, t in (("weight", weight), ("A", A), ("B", B), ("magnitude", magnitude)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if A.dim() != 2 or A.shape[1] != in_features:
+        raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
+    if B.shape != (out_features, A.shape[0]):
+        raise ValueError(f"B must have shape (out={out_features}, r={A.shape[0]}), "
+                         f"got {tuple(B.shape)}")
+    if magnitude.shape != (out_features,):
+        raise ValueError(f"magnitude must have shape (out={out_features},), "
+                         f"got {tuple(magnitude.shape)}")
+    if not A.is_floating_point() or B.dtype != A.dtype or magnitude.dtype != A.dtype:
+        raise TypeError(f"A, B and magnitude must share one floating dtype, got {A.dtype}, "
+                        f"{B.dtype}, {magnitude.dtype}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) \
+            or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite number, got {scaling!r}")
+
+
+def dora_direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """V = W0 + s B A, (out, in), in the adapters' dtype, in one fused addmm."""
+    return torch.addmm(weight.to(A.dtype), B, A, alpha=scaling)  # (out, in) + (out, r) @ (r, in)
+
+
+def row_norm(V: torch.Tensor) -> torch.Tensor:
+    """max(||V_i||, DORA_NORM_EPS) for each row i: the paper's column norm ||V||_c, shape (out,)."""
+    return torch.linalg.vector_norm(V, dim=1).clamp_min(DORA_NORM_EPS)  # (out, in) -> (out,)
+
+
+def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
+                scaling: float, detach_norm: bool = True) -> torch.Tensor:
+    """W' = m ⊙ V / ||V|| with V = W0 + s B A (eq. 5): (out, in), in the adapters' dtype.
+
+    With `detach_norm` the norm is a constant for autograd (section 4.3), as in `dora_forward`.
+    """
+    check_dora_inputs(weight, A, B, magnitude, scaling)
+    V = dora_direction(weight, A, B, scaling)  # (out, in)
+    norm = row_norm(V)  # (out,)
+    if detach_norm:
+        norm = norm.detach()
+    return (magnitude / norm).unsqueeze(1) * V  # (out, 1) * (out, in): W' = m ⊙ V / ||V||
+
+
+def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                 dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 detach_norm: bool = True) -> torch.Tensor:
+    """y = W0 x + b + (m/||V|| − 1) ⊙ W0 d(x) + (m/||V||) ⊙ s B A d(x), d the dropout (None: none).
+
+    With `dropout` None this is x W'^T + b for W' = `dora_weight(...)`, in value and in gradient
+    for the same `detach_norm`; the module docstring derives it. The frozen GEMM runs in the
+    weight's dtype (x and b are cast to it, as a quantized base computes in its compute dtype),
+    the rest in the adapters' dtype; y is returned in x's dtype.
+    """
+    check_dora_inputs(weight, A, B, magnitude, scaling)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in in_features={weight.shape[1]}, "
+                         f"got shape {tuple(x.shape)}")
+    with torch.no_grad() if detach_norm else contextlib.nullcontext():
+        norm = row_norm(dora_direction(weight, A, B, scaling))  # (out,): ||W0 + s B A|| per row
+    g = magnitude / norm  # (out,): m / ||V||
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    dx2 = x2 if dropout is None else dropout(x).reshape(x2.shape)  # (N, in): d(x)
+    z = F.linear(dx2.to(weight.dtype), weight)  # (N, in) @ (in, out) -> (N, out): W0 d(x)
+    xa = dx2.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A d(x)
+    # V d(x) = W0 d(x) + s B A d(x), the scaling applied inside the small matmul
+    vx = torch.addmm(z.to(A.dtype), xa, B.t(), alpha=scaling)  # (N, out)
+    if dropout is None:
+        rest = bias  # y = g ⊙ V x + b   ((F) with d(x) = x)
+    else:
+        # W0 (x − d(x)) + b: the frozen path on x, less the W0 d(x) that g ⊙ V d(x) holds
+        b = None if bias is None else bias.to(weight.dtype)
+        rest = F.linear((x2 - dx2).to(weight.dtype), weight, b)  # (N, out)
+    # y = rest + (m/||V||) ⊙ V d(x)   (F)
+    y = g * vx if rest is None else torch.addcmul(rest.to(A.dtype), g, vx)  # (N, out)
+    return y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer.
+
+class DoRALinear(LoRALinear):
+    """LoRALinear plus `magnitude` (out,): y = m ⊙ (W0 + s B A) / ||W0 + s B A|| x + b.
+
+    A, B, scaling (alpha/r, or alpha/sqrt(r) with rslora), dropout, init and the generator come
+    from LoRALinear. `magnitude` starts at the norm of each output row of W0, which is the paper's
+    column norm ||W0||_c of its (in, out)-shaped W (section 4.1), so a fresh adapter computes the
+    base layer. `detach_norm` (default True, section 4.3) treats ||V|| as a constant in
+    backpropagation; False keeps it in the graph (more memory; see the module docstring).
+
+    `merge()` writes W' into the base weight and keeps a copy of W0, which `unmerge()` restores
+    bit for bit. (PEFT keeps ||V|| instead and divides by m / ||V||, which rounds, and cannot
+    restore a row with m = 0.)
+    """
+    adapter_parameter_names = ("lora_A", "lora_B", "magnitude")
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, generator: torch.Generator | None = None, *,
+                 detach_norm: bool = True):
+        super().__init__(base, r, alpha, dropout, rslora, generator)
+        if not isinstance(detach_norm, bool):
+            raise TypeError(f"detach_norm must be a bool, got {detach_norm!r}")
+        self.detach_norm = detach_norm
+        W0 = dense_weight(base).detach().to(self.lora_A.dtype)
+        # m = ||W0||_c (section 4.1). With B = 0 the forward's ||V|| is this same value, bit for
+        # bit, so m / ||V|| = 1 exactly (and 0 / eps = 0 on a zero row).
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(W0, dim=1))  # (out,)
+        # W0 while merged, else None: follows .to() like the weights, not in the state dict.
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+
+    def _base_weight(self) -> torch.Tensor:
+        """W0, the frozen base weight, whether or not W' is merged into the base."""
+        return self._unmerged_weight if self.merged else dense_weight(self.base)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = W' − W0, (out, in) in the adapters' dtype: W0 + ΔW is the DoRA weight."""
+        W0 = self._base_weight()
+        return dora_weight(W0, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                           self.detach_norm) - W0.to(self.lora_A.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = m ⊙ V / ||V||, (out, in) in the base weight's dtype, merged or not."""
+        W = dense_weight(self.base)
+        if self.merged:
+            return W
+        return dora_weight(W, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                           self.detach_norm).to(W.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W' in the base weight's dtype, keeping W0 for `unmerge`. Idempotent."""
+        if self.merged:
+            return
+        W = self._mergeable_weight()
+        merged = dora_weight(W, self.lora_A, self.lora_B, self.magnitude, self.scaling)
+        self._unmerged_weight = W.clone()
+        W.copy_(merged.to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W' <- W0, restored bit for bit from the copy `merge` kept. Idempotent."""
+        if not self.merged:
+            return
+        self._mergeable_weight().copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)  # W' x + b
+        # nn.Dropout is the identity in eval mode: take the one-GEMM form of (F) then.
+        dropout = None if isinstance(self.lora_dropout, nn.Identity) or not self.training \
+            else self.lora_dropout
+        return dora_forward(x, dense_weight(self.base), getattr(self.base, "bias", None),
+                            self.lora_A, self.lora_B, self.magnitude, self.scaling, dropout,
+                            self.detach_norm)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
+
+
+def apply_dora(model: nn.Module, targets=ALL_LINEAR, r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, rslora: bool = False, seed: int | None = None,
+               detach_norm: bool = True) -> nn.Module:
+    """Wrap the target linears in DoRALinear, freeze everything else; returns `model` (in place).
+
+    `seed` draws every lora_A from one torch.Generator in model order (None: the global RNG), so
+    the same seed gives the same A as `lora.apply_lora`. Trainable per layer: r (in + out) + out.
+    """
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    replace_targets(model, targets, lambda base: DoRALinear(
+        base, r, alpha, dropout, rslora, generator, detach_norm=detach_norm))
+    mark_only_adapters_trainable(model)
+    return model
