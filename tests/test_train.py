@@ -93,9 +93,33 @@ def test_main_quick_runs_every_method_and_writes_adapters(tmp_path, capsys):
     per_block = 4 * (C + C) + (C + 4 * C) + (4 * C + C)  # q,k,v,o + up + down: sum of in + out
     assert by["lora"]["trainable"] == 8 * per_block * L
     assert by["dora"]["trainable"] == 8 * per_block * L + L * (4 * C + C + 4 * C)  # + out per layer
-    assert by["vera"]["trainable"] == L * 6 * 256 + L * (4 * C + C + 4 * C)  # L·(r + out) per layer
+    r_vera = train.METHOD_DEFAULTS["vera"]["rank"]
+    assert by["vera"]["trainable"] == L * 6 * r_vera + L * (4 * C + C + 4 * C)  # Σ (r + out) over layers
     assert by["full"]["trainable_fraction"] == 1.0
     assert by["lora"]["adapter_bytes"] < by["full"]["adapter_bytes"]
     # The cached base model is reused by a second run with the same config and seed.
     train.main(["--quick", "--out", str(tmp_path), "--method", "lora"])
     assert "reusing the pretrained base model" in capsys.readouterr().err
+
+
+def test_qlora_with_half_the_state_as_budget_pages_and_gives_the_same_weights(tmp_path):
+    out = str(tmp_path)
+    [free] = train.main(["--quick", "--out", out, "--method", "qlora"])
+    unpaged = torch.load(tmp_path / "adapter-qlora.pt", weights_only=True)
+    assert free["paging"]["page_outs"] == 0  # no budget: nothing ever leaves the device
+    half = free["trainable"] * 4 * 2 // 2  # float32 exp_avg and exp_avg_sq: 8 bytes a parameter
+    [paged] = train.main(["--quick", "--out", out, "--method", "qlora", "--budget", str(half)])
+    assert paged["paging"]["page_outs"] > 0 and paged["paging"]["page_ins"] > 0
+    assert paged["paging"]["peak_resident_bytes"] <= max(half, 0) + max(
+        p.numel() for p in unpaged.values()) * 8  # the rule: budget, or one parameter's state if larger
+    again = torch.load(tmp_path / "adapter-qlora.pt", weights_only=True)
+    assert unpaged.keys() == again.keys()
+    for key in unpaged:
+        assert torch.equal(unpaged[key], again[key]), key
+    assert json_rows(tmp_path)[0]["method"] == "qlora"
+
+
+def json_rows(path):
+    import json
+    with open(path / "results.json") as f:
+        return json.load(f)
