@@ -308,10 +308,11 @@ def progress_end():
 
 def format_table(rows: list[dict]) -> str:
     """One aligned text table, a row per method."""
-    header = ["method", "trainable", "% of model", "adapter file", "train memory", "ms/step",
-              "val before", "val after"]
+    header = ["method", "trainable", "% of model", "adapter file", "weights", "train memory",
+              "ms/step", "val before", "val after"]
     lines = [[r["method"], f"{r['trainable']:,}", f"{100 * r['trainable_fraction']:.2f}%",
-              human_bytes(r["adapter_bytes"]), human_bytes(r["memory"]["total"]),
+              human_bytes(r["adapter_bytes"]), human_bytes(r["memory"]["weights"]),
+              human_bytes(r["memory"]["total"]),
               f"{r['ms_per_step']:.1f}", f"{r['val_before']:.3f}", f"{r['val_after']:.3f}"]
              for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
@@ -364,6 +365,11 @@ def finetune(method: str, cfg: TrainConfig, base_path: str, corpus: Corpus, wind
                val_after=estimate_loss(model, windows, device))
     if isinstance(optimizer, PagedAdamW):
         row["paging"] = optimizer.stats.as_dict()
+    if method == "qlora":
+        report = qlora.qlora_memory_report(model, optimizer)
+        row["nf4"] = dict(bytes=report["nf4_weights"] + report["nf4_statistics"],
+                          float32_bytes=qlora.dense_weight_bytes(model, torch.float32)["quantized_layers"],
+                          bits_per_parameter=report["bits_per_parameter"])
     return row
 
 
@@ -445,6 +451,12 @@ def main(argv=None) -> list[dict]:
           f"{cfg.batch_size}x{cfg.block_size} tokens per method; val = cross-entropy (nats/char) on "
           f"held-out fine-tuning text")
     for row in rows:
+        if row.get("nf4"):
+            nf4_row = row["nf4"]
+            print(f"{row['method']}: the quantized linears take {nf4_row['bytes']:,} bytes "
+                  f"({nf4_row['bits_per_parameter']:.3f} bits a weight), "
+                  f"{100 * nf4_row['bytes'] / nf4_row['float32_bytes']:.1f}% of their "
+                  f"{nf4_row['float32_bytes']:,} bytes in float32")
         if row.get("paging"):
             print(f"{row['method']} paging: " + ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
     lora.atomic_save(rows, os.path.join(args.out, "results.json"),
