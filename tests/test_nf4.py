@@ -133,6 +133,23 @@ def test_dequantized_values_are_block_scaled_code_values(w, blocksize, double_qu
     assert torch.equal(nf4.dequantize_nf4(q, torch.float32).reshape(-1), nf4.nf4_code()[indices.long()] * scales)
 
 
+@given(weights(), st.sampled_from([32, 64]), st.booleans(), st.sampled_from([32, 96]))
+def test_dequantize_in_chunks_is_the_same_as_in_one_piece(w, blocksize, double_quant, chunk_bytes):
+    # dequantize_nf4 works through DEQUANTIZE_CHUNK_BYTES packed bytes at a time, more than these
+    # weights hold: make the chunks small (whole blocks each, a partial block and the odd-count pad
+    # in the last) and compare with the formula on the whole tensor at once.
+    q = nf4.quantize_nf4(w, blocksize, double_quant)
+    scales = per_element_absmax(nf4.nf4_absmax(q), blocksize, w.numel())
+    expected = nf4.nf4_code()[nf4.unpack_nibbles(q.packed, w.numel()).long()] * scales  # (n,) float32
+    original = nf4.DEQUANTIZE_CHUNK_BYTES
+    try:
+        nf4.DEQUANTIZE_CHUNK_BYTES = chunk_bytes
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(nf4.dequantize_nf4(q, dtype).reshape(-1), expected.to(dtype))
+    finally:
+        nf4.DEQUANTIZE_CHUNK_BYTES = original
+
+
 @given(weights(), blocksizes)
 def test_largest_magnitude_in_each_block_is_exact(w, blocksize):
     q = nf4.quantize_nf4(w, blocksize, double_quant=False)
