@@ -280,6 +280,24 @@ def test_dropout_on_adapter_input_only(case, p, dropout_seed):
     assert_near(layer(x), exact, scale, TOL[case.dtype])
 
 
+@given(cases())
+def test_add_low_rank_keeps_y_and_add_low_rank__adds_into_it(case):
+    """The layer adds the low-rank term into the base's fresh output (`add_low_rank_`, no copy of the
+    activations); the pure `add_low_rank` returns a new tensor with the same bits and leaves y alone,
+    and so does `add_low_rank_` when y's dtype is not the adapter's (it sums in a copy)."""
+    layer, x = case.build()
+    W, b, A, B = (t.detach() for t in case.weights(layer))
+    x2 = x.reshape(-1, case.in_features)  # (N, in)
+    y = F.linear(x2, W, b)  # (N, out)
+    y0 = y.clone()
+    pure = lora.add_low_rank(y, x2, A, B, case.scaling())
+    assert torch.equal(y, y0) and pure is not y
+    in_place = lora.add_low_rank_(y, x2, A, B, case.scaling())
+    assert torch.equal(in_place, pure)
+    assert (in_place is y) == (y.dtype == A.dtype)
+    assert torch.equal(y, in_place if y.dtype == A.dtype else y0)
+
+
 def test_train_and_eval_never_merge():
     """loralib merges inside eval(); here only an explicit merge() touches the base weight."""
     layer, x = Case(8, 6, 2, 4.0, torch.float32, True, False, (3,), 0).build()
