@@ -43,7 +43,7 @@ def test_every_file_the_readme_names_exists():
 
 def quick_start_commands():
     section = read("README.md").split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, flags=re.S)
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", section, flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines()
             if line.strip() and not line.strip().startswith("#")]
 
@@ -59,3 +59,26 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
     assert quick_start_commands()[1] in ci_lines
     assert read(".ci/run").startswith("#!/usr/bin/env bash") and "set -euo pipefail" in read(".ci/run")
+
+
+def test_readme_table_has_the_columns_train_py_prints():
+    import train
+    row = dict(method="lora", trainable=1, trainable_fraction=0.5, adapter_bytes=1,
+               memory=dict(weights=1, total=2), ms_per_step=1.0, val_before=2.0, val_after=1.0)
+    header = train.format_table([row]).splitlines()[0].split()
+    readme_headers = [line.split() for line in read("README.md").splitlines()
+                      if line.startswith("method  trainable")]
+    assert readme_headers and all(h == header for h in readme_headers)
+
+
+def test_readme_nf4_table_is_the_code_the_module_builds():
+    import nf4
+    rows = re.findall(r"^\| (\d+) \| ([01]{4}) \| (-?[\d.]+) \| \| (\d+) \| ([01]{4}) \| (-?[\d.]+) \|$",
+                      read("README.md"), flags=re.M)
+    printed = {}
+    for row in rows:
+        for index, bits, value in (row[:3], row[3:]):
+            assert int(bits, 2) == int(index)
+            printed[int(index)] = float(value)
+    code = nf4.nf4_code().tolist()  # float32 values, widened exactly to Python floats
+    assert [printed[i] for i in range(16)] == code  # printed exactly, as the README says
