@@ -1,4 +1,5 @@
 """train.py: the corpus, batches, checkpoints (atomic, config-checked) and bit-exact resume."""
+import dataclasses
 import os
 
 import pytest
@@ -123,3 +124,14 @@ def json_rows(path):
     import json
     with open(path / "results.json") as f:
         return json.load(f)
+
+
+def test_resume_from_a_run_of_another_config_fails_clearly(tmp_path):
+    with pytest.raises(Crash):
+        run_steps(tmp_path, crash_at=12)
+    other = dataclasses.replace(QUICK, batch_size=QUICK.batch_size + 1)
+    model = train.build_model(other, 11, "cpu")
+    opt = train.make_optimizer(model, "adamw", 1e-2, None)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train.train_loop(model, opt, torch.arange(3000) % 11, other, 25, 1e-2, 5,
+                         str(tmp_path / "run.pt"), "test", True, "cpu")
