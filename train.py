@@ -182,7 +182,7 @@ def load_checkpoint(path: str, model: torch.nn.Module | None = None) -> dict:
 # ------------------------------------------------------------------------------------------ methods
 
 def prepare(method: str, base: GPT, opts: dict, seed: int) -> torch.nn.Module:
-    """Turn a copy-free base model into the model the method trains (in place)."""
+    """Turn the base model into the model the method trains, in place (the caller loaded a fresh copy)."""
     if method == "full":
         base.requires_grad_(True)
         return base
@@ -224,7 +224,7 @@ def make_optimizer(model: torch.nn.Module, kind: str, lr: float, budget: int | N
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to a tenth of it (no decay when total <= warmup)."""
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to a tenth of it by `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
