@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import ALL_LINEAR, LoRALinear, dense_weight, mark_only_adapters_trainable, replace_targets
+from lora import (ALL_LINEAR, LoRALinear, add_low_rank_, dense_weight, mark_only_adapters_trainable,
+                  replace_targets)
 
 # Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
 # normal number in float32, float64 and bfloat16, and leaves every row with ||V|| >= 1e-12 exact.
@@ -135,9 +136,8 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     dx2 = x2 if dropout is None else dropout(x).reshape(x2.shape)  # (N, in): d(x)
     z = F.linear(dx2.to(weight.dtype), weight)  # (N, in) @ (in, out) -> (N, out): W0 d(x)
-    xa = dx2.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A d(x)
-    # V d(x) = W0 d(x) + s B A d(x), the scaling applied inside the small matmul
-    vx = torch.addmm(z.to(A.dtype), xa, B.t(), alpha=scaling)  # (N, out)
+    # V d(x) = W0 d(x) + s B A d(x): LoRA's fused add, into z (fresh, in the adapters' dtype)
+    vx = add_low_rank_(z.to(A.dtype), dx2, A, B, scaling)  # (N, out)
     if dropout is None:
         rest = bias  # y = g ⊙ V x + b   ((F) with d(x) = x)
     else:

@@ -97,6 +97,12 @@ def check_dropout(dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in the base's dtype when it is float32/float64, else in float32: beside a
+    low-precision or quantized base (the QLoRA recipe: 16/32-bit adapters beside a 4-bit base)."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def dense_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight as a dense (out, in) tensor: `weight`, or `dequantized_weight()`."""
     if hasattr(base, "dequantized_weight"):
@@ -192,9 +198,7 @@ class LoRALinear(AdapterLinear):
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scaling(r, alpha, rslora)
         W = dense_weight(base)
-        # Adapters train in float32 when the base is stored in a low-precision or quantized format
-        # (the QLoRA recipe: 16/32-bit adapters beside a 4-bit base).
-        dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(W.dtype)
         # A like nn.Linear's default init (Kaiming-uniform, a = sqrt(5)); B = 0 so ΔW = 0 at start.
         # Drawn on the CPU so that a seed gives the same A on every device.
         A = torch.empty(r, self.in_features, dtype=dtype)

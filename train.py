@@ -239,8 +239,7 @@ def training_memory(model: torch.nn.Module, optimizer) -> dict:
     """Bytes of weights (parameters and buffers), gradients and optimizer state, from the tensors."""
     weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     grads = tensor_bytes(p.grad for p in model.parameters())
-    state = tensor_bytes(v for s in optimizer.state_dict()["state"].values()
-                         for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    state = qlora.optimizer_state_bytes(optimizer)  # counts PagedAdamW's pages where they lie
     return dict(weights=weights, grads=grads, optimizer=state, total=weights + grads + state)
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import (AdapterLinear, atomic_save, check_dropout, check_rank, dense_weight,
-                  find_targets, mark_only_adapters_trainable, replace_targets)
+from lora import (AdapterLinear, adapter_dtype, atomic_save, check_dropout, check_rank,
+                  dense_weight, find_targets, mark_only_adapters_trainable, replace_targets)
 
 # lambda_d's starting value. The paper leaves it a hyperparameter (section 3, "Initialization
 # strategies"); 0.1 is PEFT's VeraConfig.d_initial default.
@@ -158,11 +158,6 @@ class VeRAProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, seed={self.seed}"
-
-
-def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Adapters train in float32 beside a low-precision or quantized base (as LoRALinear does)."""
-    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class VeRALinear(AdapterLinear):

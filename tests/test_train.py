@@ -135,3 +135,18 @@ def test_resume_from_a_run_of_another_config_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="cannot resume"):
         train.train_loop(model, opt, torch.arange(3000) % 11, other, 25, 1e-2, 5,
                          str(tmp_path / "run.pt"), "test", True, "cpu")
+
+
+@pytest.mark.parametrize("optimizer,budget", [("adamw", None), ("paged_adamw", 0)])
+def test_training_memory_counts_weights_gradients_and_state_wherever_it_lies(optimizer, budget):
+    model = lora.apply_lora(train.build_model(QUICK, 11, "cpu"), r=4, alpha=8.0, seed=0)
+    opt = train.make_optimizer(model, optimizer, 1e-2, budget)
+    x = torch.arange(QUICK.block_size)[None] % 11
+    model(x, x)[1].backward()
+    opt.step()
+    trainable = lora.count_trainable(model)
+    memory = train.training_memory(model, opt)
+    weights = sum(p.numel() for p in model.parameters()) * 4  # float32, no buffers in a LoRA GPT
+    # budget 0 pages every moment out to the host after the step: it still counts
+    assert memory == dict(weights=weights, grads=4 * trainable, optimizer=2 * 4 * trainable,
+                          total=weights + 12 * trainable)
