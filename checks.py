@@ -1,0 +1,84 @@
+"""Argument checks shared by every module: one place for "what did the caller pass".
+
+Each checker raises a ValueError or TypeError whose message names the argument, says what it
+accepts and shows what it got, and returns the value so a constructor can write
+`self.r = check_int(r, "r", low=1)`. Checks run where a value enters the library (constructors and
+public functions), never on every forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An int (not a bool) in [low, high]; either bound may be None."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = " ".join(b for b in (f">= {low}" if low is not None else "",
+                                      f"<= {high}" if high is not None else "") if b)
+        raise ValueError(f"{name} must be an int{' ' + bounds if bounds else ''}, got {value!r}")
+    return value
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite int or float in the interval; `low_open`/`high_open` exclude the bound itself.
+
+    NaN and +-Inf are always refused: no hyperparameter of this project means anything at Inf.
+    """
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+    return value
+
+
+def check_probability(value, name: str) -> float:
+    """A dropout-like probability in [0, 1)."""
+    return check_number(value, name, 0.0, 1.0, high_open=True)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_choice(value, name: str, choices) -> object:
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_tensor(t, name: str, dtypes=None, ndim: int | None = None, finite: bool = False,
+                 allow_meta: bool = False) -> torch.Tensor:
+    """A torch.Tensor, optionally of one of `dtypes`, of `ndim` dimensions, without NaN/Inf.
+
+    Meta tensors (no data, shapes only) are refused unless `allow_meta`: a check of their values or
+    an arithmetic on them would fail later with a message about something else.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta and not allow_meta:
+        raise ValueError(f"{name} is a meta tensor (no data); materialize it first (e.g. .to_empty)")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, "
+                        f"got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
