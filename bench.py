@@ -15,7 +15,7 @@ Row groups (names for --only):
           fine-tuning, LoRA, QLoRA, VeRA, DoRA as train.prepare builds them, and PEFT's LoRA, DoRA
           and VeRA on the same base, targets (the six block linears), rank and alpha.
   infer   forward latency (eval, no_grad) of the base, the LoRA-adapted and the merged model
-          (lora.merge_adapters), for the training batch and one sequence; "base copy" is the base
+          (adapters.merge_adapters), for the training batch and one sequence; "base copy" is the base
           timed twice: the noise floor.
   paged   PagedAdamW.step against torch.optim.AdamW(foreach=False).step over all of a GPT's
           parameters: no device budget, a budget of half the state, and zero.
@@ -46,6 +46,7 @@ import time
 
 import torch
 
+import adapters
 import lora
 import nf4
 import qlora
@@ -57,7 +58,7 @@ from tiny_gpt import GPT, GPTConfig
 GROUPS = ("nf4", "train", "infer", "paged", "memory", "switch")
 METHODS = ("full", "lora", "qlora", "vera", "dora")
 PEFT_METHODS = ("lora", "dora", "vera")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # lora.ALL_LINEAR here
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # adapters.ALL_LINEAR here
 N_ADAPTERS = 8
 SEED = 0
 _TINY = train.TrainConfig()  # the tiny GPT: train.py's default model and batch
@@ -122,7 +123,7 @@ def batch(size: dict, vocab: int, device, rows: int | None = None):
 
 
 def options(method: str) -> dict:
-    return dict(train.METHOD_DEFAULTS[method], targets=lora.ALL_LINEAR, dropout=0.0)
+    return dict(train.METHOD_DEFAULTS[method], targets=adapters.ALL_LINEAR, dropout=0.0)
 
 
 def ours(method: str, base: GPT, device) -> torch.nn.Module:
@@ -207,7 +208,7 @@ def bench_infer(ctx) -> list:
             for p in (p for p in adapted.parameters() if p.requires_grad):
                 p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(SEED))
         models = {"base": base.to(ctx.device), "base copy": copy.deepcopy(base).to(ctx.device),
-                  "adapted": adapted, "merged": lora.merge_adapters(adapted)}
+                  "adapted": adapted, "merged": adapters.merge_adapters(adapted)}
         for model in models.values():
             model.eval()
         for batch_rows in dict.fromkeys((size["batch"], 1)):  # the training batch, one sequence
@@ -277,7 +278,7 @@ def bench_switch(ctx) -> list:
     size = next(iter(ctx.sizes.values()))  # the smallest model: a switch walks the layers
     base, g = base_model(size, ctx.vocab), torch.Generator().manual_seed(SEED)
     models = {"vera": ours("vera", base, ctx.device), "lora": ours("lora", base, ctx.device)}
-    adapters, file_bytes = {}, {}
+    saved, file_bytes = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for method, model in models.items():
             paths = [os.path.join(folder, f"{method}-{i}.pt") for i in range(N_ADAPTERS)]
@@ -289,9 +290,9 @@ def bench_switch(ctx) -> list:
             file_bytes[method] = statistics.mean(os.path.getsize(p) for p in paths)
             read = (lambda p: vera.read_vera_adapter(p, ctx.device)) if method == "vera" else \
                 (lambda p: torch.load(p, map_location=ctx.device, weights_only=True))
-            adapters[method] = itertools.cycle([read(p) for p in paths])  # read once, then switch
-    switch = {"vera": lambda: vera.use_vera_adapter(models["vera"], next(adapters["vera"])),
-              "lora": lambda: lora.load_adapter(models["lora"], next(adapters["lora"]))}
+            saved[method] = itertools.cycle([read(p) for p in paths])  # read once, then switch
+    switch = {"vera": lambda: vera.use_vera_adapter(models["vera"], next(saved["vera"])),
+              "lora": lambda: adapters.load_adapter(models["lora"], next(saved["lora"]))}
     t = measure(switch, N_ADAPTERS * max(ctx.repeats, 5), ctx.sync, warmup=N_ADAPTERS)
     ranks = f"{next(iter(ctx.sizes))} GPT; VeRA r={options('vera')['rank']}, LoRA r={options('lora')['rank']}"
     return [row("switch", f"VeRA adapter switch (N={N_ADAPTERS})", t["vera"], "LoRA load_adapter",

@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import (ALL_LINEAR, LoRALinear, add_low_rank_, dense_weight, mark_only_adapters_trainable,
-                  replace_targets)
+from adapters import ALL_LINEAR, dense_weight, mark_only_adapters_trainable, replace_targets
+from lora import LoRALinear, add_low_rank_
 
 # Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
 # normal number in float32, float64 and bfloat16, and leaves every row with ||V|| >= 1e-12 exact.

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapters
 import lora
 import nf4
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
@@ -132,7 +133,7 @@ class NF4Linear(nn.Module):
     allowed), the weight is dequantized to it once, y = x W^T + b is computed there, and y is returned
     in x's dtype (as bitsandbytes' Linear4bit). Backward dequantizes again instead of saving W.
     """
-    linear_like = True  # found by lora.find_targets, wrapped by lora.LoRALinear
+    linear_like = True  # found by adapters.find_targets, wrapped by lora.LoRALinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  blocksize: int = nf4.DEFAULT_BLOCKSIZE, double_quant: bool = True,
@@ -195,7 +196,7 @@ class NF4Linear(nn.Module):
                                           **self._metadata)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """W = doubleDequant(...) (eq. 6), (out, in), in the compute dtype; what lora.dense_weight reads."""
+        """W = doubleDequant(...) (eq. 6), (out, in), in the compute dtype; what adapters.dense_weight reads."""
         return dequantize_to(self.quantized_weight, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,12 +238,12 @@ class NF4Linear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Model surgery and the recipe.
 
-def quantize_model(model: nn.Module, targets=lora.ALL_LINEAR, blocksize: int = nf4.DEFAULT_BLOCKSIZE,
+def quantize_model(model: nn.Module, targets=adapters.ALL_LINEAR, blocksize: int = nf4.DEFAULT_BLOCKSIZE,
                    double_quant: bool = True,
                    compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> nn.Module:
     """Replace the target nn.Linears by NF4Linears, in place; returns `model`.
 
-    `targets` is read as by lora.find_targets: "all-linear" is every linear in the blocks, so the
+    `targets` is read as by adapters.find_targets: "all-linear" is every linear in the blocks, so the
     quantized layers are exactly the ones `lora.apply_lora(model, "all-linear")` adapts next. Left as
     they are by default:
     - embeddings: a row lookup, not a matmul, so there is no GEMM to dequantize into (bitsandbytes
@@ -258,9 +259,9 @@ def quantize_model(model: nn.Module, targets=lora.ALL_LINEAR, blocksize: int = n
     check_compute_dtype(compute_dtype)
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in nf4.ALLOWED_BLOCKSIZES:
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
-    if lora.adapter_layers(model):
+    if adapters.adapter_layers(model):
         raise ValueError("model already carries adapters: quantize the base before applying them")
-    names = lora.find_targets(model, targets)
+    names = adapters.find_targets(model, targets)
     for name in names:  # all checked before the first is replaced
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
@@ -275,7 +276,7 @@ def quantize_model(model: nn.Module, targets=lora.ALL_LINEAR, blocksize: int = n
 
 
 def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  lr: float = 3e-3, *, targets=lora.ALL_LINEAR, blocksize: int = nf4.DEFAULT_BLOCKSIZE,
+                  lr: float = 3e-3, *, targets=adapters.ALL_LINEAR, blocksize: int = nf4.DEFAULT_BLOCKSIZE,
                   double_quant: bool = True, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE,
                   betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                   page_bytes: int = DEFAULT_PAGE_BYTES, device_budget_bytes: int | None = None,
@@ -306,7 +307,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _adapter_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
-    return {id(t): t for layer in lora.adapter_layers(model).values()
+    return {id(t): t for layer in adapters.adapter_layers(model).values()
             for t in (getattr(layer, n) for n in layer.adapter_parameter_names)}
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+import adapters
 import dora
 import lora
 import nf4
@@ -204,11 +205,11 @@ def prepare(method: str, base: GPT, opts: dict, seed: int) -> torch.nn.Module:
 def save_adapter(method: str, model: torch.nn.Module, path: str) -> int:
     """Write the method's own small file (the whole model for `full`); return its size in bytes."""
     if method == "full":
-        lora.atomic_save(model.state_dict(), path)
+        adapters.atomic_save(model.state_dict(), path)
     elif method == "vera":
         vera.save_vera_adapter(model, path)
     else:
-        lora.atomic_save(lora.adapter_state_dict(model), path)
+        adapters.atomic_save(adapters.adapter_state_dict(model), path)
     return os.path.getsize(path)
 
 
@@ -277,7 +278,7 @@ def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: in
         times.append(time.perf_counter() - t0)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == steps:
-            lora.atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(),
+            adapters.atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(),
                               "train_config": asdict(cfg), "optimizer": optimizer.state_dict(),
                               "generator": generator.get_state(), "step": done}, checkpoint)
         progress(label, done, steps, loss.item(), cfg, time.perf_counter() - t_start, done - start)
@@ -357,7 +358,7 @@ def finetune(method: str, cfg: TrainConfig, base_path: str, corpus: Corpus, wind
     ms = train_loop(model, optimizer, corpus.train, cfg, cfg.finetune_steps, opts["lr"], 0,
                     os.path.join(out, f"finetune-{method}.pt"), method, resume, device)
     memory = training_memory(model, optimizer)
-    trainable = lora.count_trainable(model)
+    trainable = adapters.count_trainable(model)
     adapter_bytes = save_adapter(method, model, os.path.join(out, f"adapter-{method}.pt"))
     row = dict(method=method, trainable=trainable, trainable_fraction=trainable / n_base,
                adapter_bytes=adapter_bytes, memory=memory, ms_per_step=ms, val_before=val_before,
@@ -390,7 +391,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=None, help="adapter rank r (method default)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA/QLoRA alpha (default 2r)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
-    p.add_argument("--targets", default=lora.ALL_LINEAR,
+    p.add_argument("--targets", default=adapters.ALL_LINEAR,
                    help="'all-linear' or comma-separated layer names, e.g. q_proj,v_proj")
     p.add_argument("--optimizer", default=None, choices=("adamw", "paged_adamw"),
                    help="optimizer (default: paged_adamw for qlora, adamw otherwise)")
@@ -406,7 +407,7 @@ def method_options(method: str, args) -> dict:
             opts[name] = getattr(args, name)
     if args.rank is not None and args.alpha is None and "alpha" in opts:
         opts["alpha"] = 2.0 * args.rank
-    opts["targets"] = (lora.ALL_LINEAR if args.targets == lora.ALL_LINEAR
+    opts["targets"] = (adapters.ALL_LINEAR if args.targets == adapters.ALL_LINEAR
                        else tuple(t.strip() for t in args.targets.split(",")))
     opts["dropout"] = args.dropout
     opts["optimizer"] = args.optimizer or ("paged_adamw" if method == "qlora" else "adamw")
@@ -458,7 +459,7 @@ def main(argv=None) -> list[dict]:
                   f"{nf4_row['float32_bytes']:,} bytes in float32")
         if row.get("paging"):
             print(f"{row['method']} paging: " + ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
-    lora.atomic_save(rows, os.path.join(args.out, "results.json"),
+    adapters.atomic_save(rows, os.path.join(args.out, "results.json"),
                      write=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
     return rows
 

@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import (AdapterLinear, adapter_dtype, atomic_save, check_dropout, check_rank,
-                  dense_weight, find_targets, mark_only_adapters_trainable, replace_targets)
+from adapters import (AdapterLinear, adapter_dtype, atomic_save, dense_weight, find_targets,
+                      mark_only_adapters_trainable, replace_targets)
+from checks import check_int, check_probability
 
 # lambda_d's starting value. The paper leaves it a hyperparameter (section 3, "Initialization
 # strategies"); 0.1 is PEFT's VeraConfig.d_initial default.
@@ -69,7 +70,7 @@ def vera_projections(r: int, max_in: int, max_out: int,
     Drawn on the CPU in PEFT's order, so the same seed gives PEFT's `vera_A`/`vera_B` bit for bit
     (`projection_prng_key`), and the same bits on every device.
     """
-    check_rank(r)
+    check_int(r, "r (the rank)", low=1)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (max_in, max_out)):
         raise ValueError(f"max_in and max_out must be ints >= 1, got {max_in!r} and {max_out!r}")
     check_seed(seed)
@@ -181,7 +182,7 @@ class VeRALinear(AdapterLinear):
                 or not math.isfinite(d_initial) or d_initial == 0:
             raise ValueError("d_initial must be a finite non-zero number (lambda_b starts at 0, so "
                              f"lambda_d = 0 would zero both gradients for good), got {d_initial!r}")
-        check_dropout(dropout)
+        check_probability(dropout, "dropout")
         self.r, self.d_initial = projection.r, d_initial
         self.vera_projection = projection  # a child shared: the same module in every VeRA layer
         W = dense_weight(base)
@@ -219,10 +220,10 @@ def apply_vera(model: nn.Module, targets, r: int, seed: int, d_initial: float = 
                dropout: float = 0.0) -> nn.Module:
     """Wrap the target linears in VeRALinear around one shared pair, freeze the rest; returns model.
 
-    `targets` as in lora.find_targets ("all-linear" or name suffixes). The pair is drawn from `seed`
+    `targets` as in adapters.find_targets ("all-linear" or name suffixes). The pair is drawn from `seed`
     for the largest in/out widths among the targets, in float32 (float64 for a float64 base).
     """
-    check_rank(r)
+    check_int(r, "r (the rank)", low=1)
     check_seed(seed)
     names = find_targets(model, targets)
     bases = [model.get_submodule(name) for name in names]

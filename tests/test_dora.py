@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dora
+import adapters
 import lora
 from tiny_gpt import GPT, GPTConfig
 
@@ -53,7 +54,7 @@ def error_bounds(layer, x, G=None, mask=None):
     same expressions with g κ for g and |V| for aW (3 g κ in the norm's own gradient, g / n^2).
     """
     s = layer.scaling
-    W0, A, B, m = (t.detach().double() for t in (lora.dense_weight(layer.base), layer.lora_A,
+    W0, A, B, m = (t.detach().double() for t in (adapters.dense_weight(layer.base), layer.lora_A,
                                                  layer.lora_B, layer.magnitude))
     b = layer.base.bias.detach().double().abs() if layer.base.bias is not None else 0.0
     V = W0 + s * B @ A  # (out, in)
@@ -344,11 +345,11 @@ def test_merge_adapters_gives_plain_linears_with_the_dora_outputs():
     # bias is added (after the GEMM, not inside it): a float32 ulp or so, 2e-6 through the model.
     torch.testing.assert_close(model(idx)[0], base(idx)[0], rtol=2e-6, atol=2e-6)
     with torch.no_grad():
-        for layer in lora.adapter_layers(model).values():
+        for layer in adapters.adapter_layers(model).values():
             layer.lora_B.normal_(generator=gen)
             layer.magnitude.mul_(torch.rand(layer.magnitude.shape, generator=gen) + 0.5)
-    merged = lora.merge_adapters(model)
-    assert not lora.adapter_layers(merged)
+    merged = adapters.merge_adapters(model)
+    assert not adapters.adapter_layers(merged)
     assert merged.num_parameters() == base.num_parameters()
     logits = model(idx)[0]
     assert (logits - base(idx)[0]).abs().max() > 1e-2  # the adapters do change the model
@@ -435,17 +436,17 @@ def test_apply_dora_trains_only_the_adapters_and_round_trips_its_state():
     base = GPT(config, generator=torch.Generator().manual_seed(0))
     r = 4
     model = dora.apply_dora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=5)
-    layers = lora.adapter_layers(model)
+    layers = adapters.adapter_layers(model)
     assert len(layers) == 6 * config.n_layer
     assert all(type(m) is dora.DoRALinear for m in layers.values())
     expected = sum(r * (m.in_features + m.out_features) + m.out_features for m in layers.values())
-    assert lora.count_trainable(model) == expected
+    assert adapters.count_trainable(model) == expected
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B", "magnitude")}
     # The same seed draws the same A as apply_lora.
     twin = lora.apply_lora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=5)
     for name, layer in layers.items():
-        twin_A = lora.adapter_layers(twin)[name].lora_A
+        twin_A = adapters.adapter_layers(twin)[name].lora_A
         torch.testing.assert_close(layer.lora_A, twin_A, rtol=0, atol=0)
     # Adapter state (A, B and m) saves and loads into a fresh DoRA model.
     gen = torch.Generator().manual_seed(9)
@@ -453,17 +454,17 @@ def test_apply_dora_trains_only_the_adapters_and_round_trips_its_state():
         for layer in layers.values():
             layer.lora_B.normal_(generator=gen)
             layer.magnitude.mul_(1.5)
-    state = lora.adapter_state_dict(model)
+    state = adapters.adapter_state_dict(model)
     assert sum(k.endswith(".magnitude") for k in state) == len(layers)
     fresh = dora.apply_dora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=6)
-    lora.load_adapter(fresh, state)
+    adapters.load_adapter(fresh, state)
     idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
     bad = dict(state)
     key = next(k for k in bad if k.endswith(".magnitude"))
     bad[key] = bad[key][:-1]
     with pytest.raises(ValueError, match="shape"):
-        lora.load_adapter(fresh, bad)
+        adapters.load_adapter(fresh, bad)
 
 
 # ------------------------------------------------------------------------------------ bad inputs

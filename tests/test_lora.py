@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+import adapters
 import lora
 from tiny_gpt import GPT, GPTConfig
 
@@ -165,7 +166,7 @@ def test_init_matches_nn_linear_and_formula(case):
     assert torch.equal(layer.lora_B, torch.zeros(case.out_features, case.r, dtype=dt))
     assert layer.scaling == case.scaling()
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
-    assert lora.count_trainable(layer) == case.r * (case.in_features + case.out_features)
+    assert adapters.count_trainable(layer) == case.r * (case.in_features + case.out_features)
 
 
 @given(cases())
@@ -355,7 +356,7 @@ def test_quantized_base_forward_and_merge():
     g = torch.Generator().manual_seed(0)
     W, b = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
     model = nn.Sequential(FakeQuantizedLinear(W, b))
-    assert lora.find_targets(model, "all-linear") == ["0"]
+    assert adapters.find_targets(model, "all-linear") == ["0"]
     lora.apply_lora(model, r=3, alpha=6.0, seed=0)
     layer = model[0]
     with torch.no_grad():
@@ -365,7 +366,7 @@ def test_quantized_base_forward_and_merge():
     assert_near(model(x), exact, scale, TOL[torch.float32])
     with pytest.raises(TypeError, match="merge_adapters"):
         layer.merge()
-    merged = lora.merge_adapters(model)
+    merged = adapters.merge_adapters(model)
     assert type(merged[0]) is nn.Linear
     assert torch.equal(merged[0].weight, W + layer.delta_weight()) and torch.equal(merged[0].bias, b)
 
@@ -389,12 +390,12 @@ def randomize_adapters(model: nn.Module, seed: int) -> None:
     """Stand-in for training: B != 0 so adapted outputs differ from the base."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora.adapter_layers(model).values():
+        for layer in adapters.adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
 
 
 def linear_names(model: nn.Module, suffixes=BLOCK_LINEARS) -> list[str]:
-    """Independent of lora.find_targets: named nn.Linear modules whose last name is a suffix."""
+    """Independent of adapters.find_targets: named nn.Linear modules whose last name is a suffix."""
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes]
 
@@ -409,14 +410,14 @@ def test_all_linear_adapts_block_linears_freezes_the_rest_and_starts_at_base(n_l
     base_logits, _ = model(tokens(seed))
     targets = linear_names(model)
     assert len(targets) == 6 * n_layer and "lm_head" not in targets
-    assert lora.find_targets(model, "all-linear") == targets
+    assert adapters.find_targets(model, "all-linear") == targets
     assert lora.apply_lora(model, "all-linear", r=r, alpha=2.0 * r, seed=seed) is model
-    assert sorted(lora.adapter_layers(model)) == sorted(targets)
+    assert sorted(adapters.adapter_layers(model)) == sorted(targets)
     assert type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{t}.lora_{m}" for t in targets for m in "AB"}
     # r·(in + out) per layer: q, k, v, o are C -> C; up is C -> 4C and down 4C -> C: 18·r·C per block
-    assert lora.count_trainable(model) == n_layer * 18 * r * n_embd
+    assert adapters.count_trainable(model) == n_layer * 18 * r * n_embd
     assert model.num_parameters() == make_gpt(seed, n_layer, n_embd).num_parameters() + \
         n_layer * 18 * r * n_embd
     logits, _ = model(tokens(seed))
@@ -427,8 +428,8 @@ def test_suffix_targets_and_target_errors():
     model = make_gpt()
     lora.apply_lora(model, ("q_proj", "attn.v_proj"), r=2, alpha=4.0, seed=0)
     expected = linear_names(make_gpt(), ("q_proj", "v_proj"))
-    assert len(expected) == 4 and sorted(lora.adapter_layers(model)) == sorted(expected)
-    assert lora.count_trainable(model) == 2 * 2 * (2 * 2 * 16)  # 2 blocks, q and v, r·(C + C)
+    assert len(expected) == 4 and sorted(adapters.adapter_layers(model)) == sorted(expected)
+    assert adapters.count_trainable(model) == 2 * 2 * (2 * 2 * 16)  # 2 blocks, q and v, r·(C + C)
     with pytest.raises(ValueError, match="already carries an adapter"):
         lora.apply_lora(model, ("q_proj",), r=2, alpha=4.0)
     fresh = make_gpt()
@@ -439,7 +440,7 @@ def test_suffix_targets_and_target_errors():
             lora.apply_lora(fresh, bad, r=2, alpha=4.0)
     with pytest.raises(ValueError, match="rank"):
         lora.apply_lora(fresh, "all-linear", r=0, alpha=4.0)
-    assert not lora.adapter_layers(fresh)  # a failed apply_lora leaves the model as it was
+    assert not adapters.adapter_layers(fresh)  # a failed apply_lora leaves the model as it was
     with pytest.raises(ValueError, match="all-linear"):
         lora.apply_lora(nn.Sequential(nn.ReLU()), "all-linear")
 
@@ -455,7 +456,7 @@ def test_only_adapters_receive_gradients_in_the_model():
 
 
 def test_apply_lora_seed_is_deterministic():
-    states = [lora.adapter_state_dict(lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=s))
+    states = [adapters.adapter_state_dict(lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=s))
               for s in (7, 7, 8)]
     assert states[0].keys() == states[2].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -465,24 +466,24 @@ def test_apply_lora_seed_is_deterministic():
 def test_adapter_save_load_round_trip(tmp_path):
     model = lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=1)
     randomize_adapters(model, 2)
-    state = lora.adapter_state_dict(model)
+    state = adapters.adapter_state_dict(model)
     assert set(state) == {f"{t}.lora_{m}" for t in linear_names(make_gpt()) for m in "AB"}
     state["blocks.0.attn.q_proj.lora_A"].add_(1.0)  # detached copies: the model is not affected
     assert not torch.equal(state["blocks.0.attn.q_proj.lora_A"], model.blocks[0].attn.q_proj.lora_A)
     path = tmp_path / "adapter.pt"
-    lora.atomic_save(lora.adapter_state_dict(model), str(path))
+    adapters.atomic_save(adapters.adapter_state_dict(model), str(path))
     loaded = torch.load(path, weights_only=True)
     other = lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=3)  # same base, other adapters
-    lora.load_adapter(other, loaded)
-    assert all(torch.equal(v, lora.adapter_state_dict(model)[k])
-               for k, v in lora.adapter_state_dict(other).items())
+    adapters.load_adapter(other, loaded)
+    assert all(torch.equal(v, adapters.adapter_state_dict(model)[k])
+               for k, v in adapters.adapter_state_dict(other).items())
     assert torch.equal(other(tokens(0))[0], model(tokens(0))[0])
 
 
 def test_load_adapter_mismatch_names_what_does_not_fit():
     model = lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=1)
-    good = lora.adapter_state_dict(model)
-    before = lora.adapter_state_dict(model)
+    good = adapters.adapter_state_dict(model)
+    before = adapters.adapter_state_dict(model)
 
     def variant(drop=(), add=None, reshape=None):
         state = {k: v for k, v in good.items() if k not in drop}
@@ -497,22 +498,22 @@ def test_load_adapter_mismatch_names_what_does_not_fit():
                           "unexpected.*blocks.0.attn.nope.lora_A"),
                          (variant(reshape=key), rf"{key}.*\(3, 3\).*\(64, 4\)")]:
         with pytest.raises(ValueError, match=match):
-            lora.load_adapter(model, state)
+            adapters.load_adapter(model, state)
     # an adapter of another rank, or of other targets
     with pytest.raises(ValueError, match="shape"):
-        lora.load_adapter(model, lora.adapter_state_dict(lora.apply_lora(make_gpt(), r=2, seed=0)))
+        adapters.load_adapter(model, adapters.adapter_state_dict(lora.apply_lora(make_gpt(), r=2, seed=0)))
     with pytest.raises(ValueError, match="missing.*k_proj"):
-        lora.load_adapter(model, lora.adapter_state_dict(
+        adapters.load_adapter(model, adapters.adapter_state_dict(
             lora.apply_lora(make_gpt(), ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
                             r=4, seed=0)))
-    assert all(torch.equal(v, before[k]) for k, v in lora.adapter_state_dict(model).items())
+    assert all(torch.equal(v, before[k]) for k, v in adapters.adapter_state_dict(model).items())
     model.blocks[0].attn.q_proj.merge()
     with pytest.raises(ValueError, match="unmerge"):
-        lora.load_adapter(model, good)
+        adapters.load_adapter(model, good)
     with pytest.raises(ValueError, match="no adapter"):
-        lora.load_adapter(make_gpt(), good)
+        adapters.load_adapter(make_gpt(), good)
     with pytest.raises(ValueError, match="no adapter"):
-        lora.adapter_state_dict(make_gpt())
+        adapters.adapter_state_dict(make_gpt())
 
 
 # Merged vs adapted logits, relative to the largest logit. Merging rounds each W0 + ΔW once, and two
@@ -529,7 +530,7 @@ def test_merge_adapters_gives_the_base_architecture_and_the_adapted_outputs(n_la
     randomize_adapters(model, seed + 1)
     idx = tokens(seed)
     adapted, _ = model(idx)
-    merged = lora.merge_adapters(model)
+    merged = adapters.merge_adapters(model)
     fresh = make_gpt(seed, n_layer, n_embd).to(dtype)
     assert [(n, type(m)) for n, m in merged.named_modules()] == \
         [(n, type(m)) for n, m in fresh.named_modules()]
@@ -539,20 +540,20 @@ def test_merge_adapters_gives_the_base_architecture_and_the_adapted_outputs(n_la
     torch.testing.assert_close(merged(idx)[0], adapted, rtol=0.0,
                                atol=MODEL_MERGE_TOL[dtype] * adapted.abs().max().item())
     assert torch.equal(model(idx)[0], adapted)  # the adapted model is left as it was
-    assert lora.adapter_layers(model)
+    assert adapters.adapter_layers(model)
     # merging some layers in place first changes nothing: the same W0 + ΔW, rounded the same way
     model.blocks[0].attn.q_proj.merge()
-    again = lora.merge_adapters(model, inplace=True)
-    assert again is model and not lora.adapter_layers(model)
+    again = adapters.merge_adapters(model, inplace=True)
+    assert again is model and not adapters.adapter_layers(model)
     assert all(torch.equal(v, merged.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
     path = tmp_path / "sub" / "adapter.pt"  # the directory is created
-    lora.atomic_save({"w": torch.arange(3.0)}, str(path))
+    adapters.atomic_save({"w": torch.arange(3.0)}, str(path))
     old_bytes = path.read_bytes()
     with pytest.raises(Exception, match="pickle"):  # a lambda cannot be pickled
-        lora.atomic_save({"w": torch.arange(5.0), "f": lambda: 0}, str(path))
+        adapters.atomic_save({"w": torch.arange(5.0), "f": lambda: 0}, str(path))
     assert path.read_bytes() == old_bytes
     assert os.listdir(path.parent) == ["adapter.pt"]  # the temporary file is gone
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3.0))
@@ -561,7 +562,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 def test_atomic_save_gives_the_usual_file_mode(tmp_path):
     umask = os.umask(0o022)
     try:
-        lora.atomic_save({"w": torch.zeros(1)}, str(tmp_path / "a.pt"))
+        adapters.atomic_save({"w": torch.zeros(1)}, str(tmp_path / "a.pt"))
     finally:
         os.umask(umask)
     assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
@@ -569,14 +570,14 @@ def test_atomic_save_gives_the_usual_file_mode(tmp_path):
 
 def test_load_adapter_refuses_nan_and_non_tensors_and_leaves_the_model_alone():
     model = lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=1)
-    before = lora.adapter_state_dict(model)
+    before = adapters.adapter_state_dict(model)
     key = next(iter(before))
     bad = dict(before, **{key: torch.full_like(before[key], float("nan"))})
     with pytest.raises(ValueError, match="NaN"):
-        lora.load_adapter(model, bad)
+        adapters.load_adapter(model, bad)
     with pytest.raises(TypeError, match="floating-point"):
-        lora.load_adapter(model, dict(before, **{key: [1.0]}))
-    after = lora.adapter_state_dict(model)
+        adapters.load_adapter(model, dict(before, **{key: [1.0]}))
+    after = adapters.adapter_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 

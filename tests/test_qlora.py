@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+import adapters
 import lora
 import nf4
 import qlora
@@ -349,7 +350,7 @@ def nf4_buffers(model):
 def randomize_adapters(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora.adapter_layers(model).values():
+        for layer in adapters.adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
 
 
@@ -386,7 +387,7 @@ def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
     trained = [{n: p for n, p in m.named_parameters() if p.requires_grad} for m in models]
     assert trained[0].keys() == trained[1].keys()
     assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
-    assert all(layer.lora_B.abs().sum() > 0 for layer in lora.adapter_layers(qmodel).values())  # trained
+    assert all(layer.lora_B.abs().sum() > 0 for layer in adapters.adapter_layers(qmodel).values())  # trained
     after = nf4_buffers(qmodel)
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     for module in qmodel.modules():
@@ -394,7 +395,7 @@ def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
             assert all(t.grad is None and not t.requires_grad for t in module.buffers())
             assert module.bias.grad is None and not module.bias.requires_grad
     optimized = {id(p) for group in optimizers[0].param_groups for p in group["params"]}
-    assert optimized == {id(t) for layer in lora.adapter_layers(qmodel).values()
+    assert optimized == {id(t) for layer in adapters.adapter_layers(qmodel).values()
                          for t in (layer.lora_A, layer.lora_B)}
 
 
@@ -415,7 +416,7 @@ def test_prepare_qlora_is_the_recipe_and_trains():
     assert torch.equal(model.tok_emb.weight, reference_model.tok_emb.weight)
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == \
         {id(p) for p in model.parameters() if p.requires_grad}
-    assert lora.count_trainable(model) == 2 * 4 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
+    assert adapters.count_trainable(model) == 2 * 4 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
     frozen = nf4_buffers(model)
     idx = tokens(5)
     losses = []
@@ -462,7 +463,7 @@ def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
     randomize_adapters(model, seed)
     idx = tokens(seed)
     adapted, _ = model(idx)
-    merged = lora.merge_adapters(model)
+    merged = adapters.merge_adapters(model)
     assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
     assert [(k, v.shape, v.dtype) for k, v in merged.state_dict().items()] == \
         [(k, v.shape, v.dtype) for k, v in base.state_dict().items()]
@@ -489,7 +490,7 @@ def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features
                               generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(out_features, 3, generator=torch.Generator().manual_seed(seed)))
-    merged = lora.merge_adapters(nn.Sequential(layer))[0]
+    merged = adapters.merge_adapters(nn.Sequential(layer))[0]
     W = layer.base.dequantized_weight()
     assert type(merged) is nn.Linear and merged.weight.dtype == compute_dtype
     assert torch.equal(merged.weight, W + layer.delta_weight().to(compute_dtype))

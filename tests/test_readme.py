@@ -6,7 +6,8 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "train", "bench")
+MODULES = ("tiny_gpt", "adapters", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "train",
+           "bench")
 
 
 def read(name):

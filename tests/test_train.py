@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import adapters
 import lora
 import train
 from tiny_gpt import GPT, GPTConfig
@@ -41,7 +42,7 @@ def test_get_batch_targets_are_inputs_shifted_by_one():
 def test_checkpoint_of_another_config_fails_clearly(tmp_path):
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
     path = str(tmp_path / "c.pt")
-    lora.atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
+    adapters.atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
     same = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8),
                generator=torch.Generator().manual_seed(9))
     train.load_checkpoint(path, same)
@@ -144,7 +145,7 @@ def test_training_memory_counts_weights_gradients_and_state_wherever_it_lies(opt
     x = torch.arange(QUICK.block_size)[None] % 11
     model(x, x)[1].backward()
     opt.step()
-    trainable = lora.count_trainable(model)
+    trainable = adapters.count_trainable(model)
     memory = train.training_memory(model, opt)
     weights = sum(p.numel() for p in model.parameters()) * 4  # float32, no buffers in a LoRA GPT
     # budget 0 pages every moment out to the host after the step: it still counts

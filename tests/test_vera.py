@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adapters
 import lora
 import vera
 from tiny_gpt import GPT, GPTConfig
@@ -116,13 +117,13 @@ def test_all_layers_share_one_storage_also_after_to_and_deepcopy():
     check(model, projection, torch.float64)
     model.to("cpu")
     check(model, projection, torch.float64)
-    twin = copy.deepcopy(model)  # what lora.merge_adapters does
+    twin = copy.deepcopy(model)  # what adapters.merge_adapters does
     twin_projection = vera.vera_projection_of(twin)
     check(twin, twin_projection, torch.float64)
     assert twin_projection.vera_A.data_ptr() != projection.vera_A.data_ptr()
     # the matrices are in no state dict: neither the model's nor the adapter's
     assert not [k for k in model.state_dict() if "vera_A" in k or "vera_B" in k]
-    assert all(k.endswith((".lambda_d", ".lambda_b")) for k in lora.adapter_state_dict(model))
+    assert all(k.endswith((".lambda_d", ".lambda_b")) for k in adapters.adapter_state_dict(model))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_forward_equals_the_equation(shape, seed, dtype):
 @given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
 def test_only_the_vectors_get_gradients_and_they_are_the_analytic_ones(shape, seed, dtype):
     layer, x = make_layer(shape, seed, dtype)
-    lora.mark_only_adapters_trainable(layer)
+    adapters.mark_only_adapters_trainable(layer)
     g = torch.randn(*x.shape[:-1], shape[1], generator=torch.Generator().manual_seed(seed + 1),
                     dtype=dtype)  # dL/dh for L = sum(h * g)
     (layer(x) * g).sum().backward()
@@ -231,7 +232,7 @@ def test_merge_adapters_gives_a_plain_gpt_with_the_same_outputs():
     model = vera.apply_vera(tiny_gpt(), ("q_proj", "up_proj", "down_proj"), r=6, seed=4)
     randomize_vectors(model, 1)
     idx = token_batch()
-    merged = lora.merge_adapters(model)
+    merged = adapters.merge_adapters(model)
     assert not vera.vera_layers(merged) and vera.vera_layers(model)
     torch.testing.assert_close(merged(idx)[0], model(idx)[0], **TOL[torch.float32])
 
@@ -291,14 +292,14 @@ def test_trainable_parameters_equal_the_formula(n_layer, n_embd, r):
     C = n_embd
     model = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=r, seed=0)
     # Σ over the targets of (r + out): q, k, v, o, down have out = C, up has out = 4C
-    assert lora.count_trainable(model) == n_layer * (6 * r + 9 * C)
+    assert adapters.count_trainable(model) == n_layer * (6 * r + 9 * C)
     qv = vera.apply_vera(tiny_gpt(n_layer, C), ("q_proj", "v_proj"), r=r, seed=0)
-    assert lora.count_trainable(qv) == n_layer * 2 * (r + C)
+    assert adapters.count_trainable(qv) == n_layer * 2 * (r + C)
     lora_model = lora.apply_lora(tiny_gpt(n_layer, C), "all-linear", r=8, seed=0)
-    assert lora.count_trainable(lora_model) == n_layer * 144 * C  # Σ 8 (in + out)
+    assert adapters.count_trainable(lora_model) == n_layer * 144 * C  # Σ 8 (in + out)
     # the proposed default rank r = C / 2: exactly 12x fewer than LoRA at rank 8, at every width
     half = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=C // 2, seed=0)
-    assert lora.count_trainable(lora_model) == 12 * lora.count_trainable(half)
+    assert adapters.count_trainable(lora_model) == 12 * adapters.count_trainable(half)
 
 
 def test_bad_rank_seed_d_initial_and_too_large_targets_raise_clearly():
@@ -339,7 +340,7 @@ def test_save_load_round_trip_regenerates_the_matrices(tmp_path):
     saved = torch.load(path, weights_only=True)
     tensors = [v for v in saved.values() if isinstance(v, torch.Tensor)]
     assert len(tensors) == 1 and tensors[0].dim() == 1
-    assert tensors[0].numel() == lora.count_trainable(model) == 2 * (6 * 8 + 9 * 16)
+    assert tensors[0].numel() == adapters.count_trainable(model) == 2 * (6 * 8 + 9 * 16)
     assert saved["seed"] == 3 and saved["checksum"] == vera.projection_checksum(
         *vera.vera_projections(8, 64, 64, 3))
     assert vera.adapter_file_bytes(path) == os.path.getsize(path)
@@ -397,7 +398,7 @@ def test_checksum_mismatch_fails_clearly(tmp_path, monkeypatch):
     # 2. a stored checksum that does not belong to the seed's matrices
     saved = torch.load(path, weights_only=True)
     saved["checksum"] = "0" * 64
-    lora.atomic_save(saved, path)
+    adapters.atomic_save(saved, path)
     with pytest.raises(ValueError, match="checksum mismatch"):
         vera.load_vera_adapter(trained_vera_gpt(0), path)
 
@@ -422,25 +423,25 @@ def test_loading_an_adapter_that_does_not_fit_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="unmerge"):
         vera.load_vera_adapter(merged, path)
     model = trained_vera_gpt(2)
-    before = lora.adapter_state_dict(model)
+    before = adapters.adapter_state_dict(model)
     short = vera.vera_adapter(trained_vera_gpt(1))
     short["vectors"] = short["vectors"][:-1]
     with pytest.raises(ValueError, match="'vectors' must have shape"):
         vera.use_vera_adapter(model, short)
-    for key, value in lora.adapter_state_dict(model).items():  # nothing copied
+    for key, value in adapters.adapter_state_dict(model).items():  # nothing copied
         torch.testing.assert_close(value, before[key], **EXACT)
     saved = torch.load(path, weights_only=True)
     saved["max_in"] = 80  # still holds every layer, but is not what apply_vera would draw
-    lora.atomic_save(saved, path)
+    adapters.atomic_save(saved, path)
     bare = tiny_gpt()
     with pytest.raises(ValueError, match="widest layers"):
         vera.load_vera_adapter(bare, path)
     assert not vera.vera_layers(bare)
     saved["vectors"][3] = float("nan")
-    lora.atomic_save(saved, path)
+    adapters.atomic_save(saved, path)
     with pytest.raises(ValueError, match="NaN"):
         vera.read_vera_adapter(path)
-    lora.atomic_save(lora.adapter_state_dict(trained_vera_gpt(0)), path)
+    adapters.atomic_save(adapters.adapter_state_dict(trained_vera_gpt(0)), path)
     with pytest.raises(ValueError, match="not a VeRA adapter"):
         vera.read_vera_adapter(path)
 
