@@ -21,9 +21,11 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
-        bounds = " ".join(b for b in (f">= {low}" if low is not None else "",
-                                      f"<= {high}" if high is not None else "") if b)
-        raise ValueError(f"{name} must be an int{' ' + bounds if bounds else ''}, got {value!r}")
+        if low is not None and high is not None:
+            bounds = f" in [{low}, {high}]"
+        else:
+            bounds = f" >= {low}" if low is not None else f" <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be an int{bounds}, got {value!r}")
     return value
 
 

@@ -10,8 +10,8 @@ position embeddings and character-level tokens:
 Attention uses four *separate* linears, `q_proj`, `k_proj`, `v_proj` and `o_proj`, and the MLP two,
 `up_proj` and `down_proj`, so that adapters can target each by name as in the LoRA paper
 (arXiv 2106.09685, section 4.2, which adapts W_q and W_v). `lm_head` is NOT tied to the token
-embedding: it is a linear of its own, and it is not an adapter target by default (only linears inside
-the blocks are; see `lora.ALL_LINEAR`).
+embedding: it is a linear of its own, and it is not an adapter target by default (only linears
+inside the blocks are; see `adapters.ALL_LINEAR`).
 
 Letters in the shape comments: B batch, T time (sequence length), C channels (n_embd),
 nh heads, hs head size (C // nh), V vocabulary size.
@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checks import check_bool, check_int, check_number, check_probability
 
 # GPT-2's initialisation: N(0, 0.02) for weights and embeddings, and the residual projections scaled
 # by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2 paper,
@@ -44,14 +46,12 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), f"GPTConfig.{name}", low=1)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_probability(self.dropout, "GPTConfig.dropout")
+        check_bool(self.bias, "GPTConfig.bias")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +138,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Return `(logits (B, T, V), loss)`; loss is the mean cross-entropy, or None without targets."""
+        """`(logits (B, T, V), loss)`: loss is the mean cross-entropy, None without targets."""
         self._check_ids(idx, "idx")
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
@@ -166,18 +166,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample `max_new_tokens` tokens after `idx` (B, T); returns (B, T + max_new_tokens).
 
         The context is cropped to the last `block_size` tokens. `temperature` divides the logits;
         `top_k` keeps only the k most likely tokens; `generator` makes sampling reproducible.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in [1, {self.config.vocab_size}], got {top_k}")
+        check_int(max_new_tokens, "max_new_tokens", low=0)
+        check_number(temperature, "temperature", low=0, low_open=True)
+        if top_k is not None:
+            check_int(top_k, "top_k", low=1, high=self.config.vocab_size)
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]  # (B, <=block_size)
             logits, _ = self(context)

@@ -60,3 +60,11 @@ def test_check_tensor():
         checks.check_tensor(torch.tensor([1.0, math.nan]), "w", finite=True)
     with pytest.raises(ValueError, match="w is a meta tensor"):
         checks.check_tensor(torch.empty(2, device="meta"), "w")
+
+
+def test_check_int_with_both_bounds_names_the_interval():
+    assert checks.check_int(3, "top_k", low=1, high=5) == 3
+    with pytest.raises(ValueError, match=r"^top_k must be an int in \[1, 5\], got 6$"):
+        checks.check_int(6, "top_k", low=1, high=5)
+    with pytest.raises(ValueError, match=r"^n must be an int <= 5, got 6$"):
+        checks.check_int(6, "n", high=5)

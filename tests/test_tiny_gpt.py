@@ -105,3 +105,34 @@ def test_clear_errors():
         GPT({"n_embd": 16})
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)
+
+
+@pytest.mark.parametrize("n_layer", [1, 4, 12])
+def test_gpt2_initialisation_scales_the_residual_projections(n_layer):
+    # GPT-2 (section 2.3): N(0, 0.02) everywhere, but the projections that write into the residual
+    # stream (o_proj, down_proj) get 0.02 / sqrt(2 n_layer); biases start at zero. With 64x256
+    # weights the sample std lies within 5% of its target (its relative standard error is ~1.1%).
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=4, n_embd=64)
+    model = GPT(cfg, generator=torch.Generator().manual_seed(0))
+    residual = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert abs(p.std().item() / residual - 1) < 0.05, (name, p.std().item(), residual)
+        elif name.endswith("weight") and p.dim() == 2:
+            assert abs(p.std().item() / 0.02 - 1) < 0.05, (name, p.std().item())
+
+
+def test_generate_is_reproducible_and_refuses_bad_arguments():
+    model = make(3)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(idx, 20, generator=torch.Generator().manual_seed(5), top_k=5)
+    b = model.generate(idx, 20, generator=torch.Generator().manual_seed(5), top_k=5)
+    assert torch.equal(a, b) and a.shape == (1, 21)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        model.generate(idx, -1)
+    with pytest.raises(ValueError, match="top_k must be an int in \[1, 23\]"):
+        model.generate(idx, 1, top_k=24)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        model.generate(idx, 1, temperature=float("nan"))
