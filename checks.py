@@ -75,7 +75,7 @@ def check_tensor(t, name: str, dtypes=None, ndim: int | None = None, finite: boo
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_meta and not allow_meta:
-        raise ValueError(f"{name} is a meta tensor (no data); materialize it first (e.g. .to_empty)")
+        raise ValueError(f"{name} is a meta tensor (no data): materialize it first (.to_empty)")
     if dtypes is not None and t.dtype not in tuple(dtypes):
         raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, "
                         f"got {t.dtype}")
