@@ -1,0 +1,293 @@
+"""The cases behind oracle.py: what each checker draws, and the fixed cases of the golden files.
+
+A case is a dict of plain Python values (shapes, dtype names, parameters, the kind of values, a seed),
+so that a failing one can be printed and pasted back; `case_inputs(contract, case, device)` turns it
+into tensors, drawn on the CPU from `seed` (the same numbers on every device) and then moved.
+The kinds of values are the ones that catch real mistakes:
+- NF4 weights: "normal"; "heavy" tails (normal times a log-normal scale); "nf4_ties" (every block's
+  absmax a power of two and the other values the 15 NF4 midpoints times it, so that the scaled values
+  lie exactly on the midpoints in float32, near them in 16 bits); "zero_blocks" (every other block
+  and the last, possibly partial, block all zeros); "dynamic_ties" (block scales built so that with
+  double quantization the centred scales land exactly on midpoints of the 8-bit dynamic map).
+- NF4Weight to dequantize: any of those quantized, or "random_bytes" (every nibble, every 8-bit code).
+- adapters: odd widths, rank 1, leading dims (), (n,), (a, b), bias or not, 16-bit bases (adapters
+  in float32 beside them, as adapters.adapter_dtype does), B not zero; for DoRA optionally a zero row.
+- AdamW: 1-3 consecutive calls from step 1 (zero state) or late steps, tiny gradients where eps
+  dominates the denominator, zero gradients, weight decay on and off.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+import nf4
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NF4_VALUES = ("normal", "heavy", "nf4_ties", "zero_blocks", "dynamic_ties")
+SCALINGS = (0.5, 1.0, 2.0, 16 / 3, 8 / math.sqrt(3))  # alpha / r and rsLoRA's alpha / sqrt(r)
+ADAMW_STEPS = (1, 2, 3, 10, 1000, 10**6)
+ADAMW_GRADIENTS = ("normal", "tiny", "zero", "large")
+# "tiny": |g| ~ 1e-10, so sqrt(v_hat) ~ 1e-10 is far below eps = 1e-8 and eps decides the step
+GRADIENT_SCALE = {"normal": 1.0, "tiny": 1e-10, "zero": 0.0, "large": 1e3}
+
+
+def _generator(case) -> torch.Generator:
+    return torch.Generator().manual_seed(case["seed"])
+
+
+def _shape(case) -> tuple:
+    return (case["cols"],) if case["rows"] == 1 else (case["rows"], case["cols"])
+
+
+# ----------------------------------------------------------------------------- NF4 weights
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2  # float32, as the reference rounds them
+
+
+def _block_scales(nblocks: int, generator) -> torch.Tensor:
+    """Scales whose double quantization puts the centred scale of block i + 2 exactly on a midpoint
+    of the dynamic map, for the midpoints m where 1 + m - 1 == m in float32 (84 of the 255).
+
+    Block 0 holds 2.0, block 1 a balancer searched so that mean() is exactly 1.0, the others 1 + m
+    (in a seeded order) and then fillers: the offset is 1, the nested absmax 1, so m is not rounded.
+    """
+    midpoints = _midpoints(nf4.dynamic_code())
+    reachable = midpoints[(1 + midpoints) - 1 == midpoints]  # (84,)
+    targets = reachable[torch.randperm(reachable.numel(), generator=generator)]
+    scales = torch.ones(nblocks)
+    count = max(0, min(nblocks - 2, nf4.NESTED_BLOCKSIZE - 2, targets.numel()))
+    while count and abs(1 + float(targets[:count].sum())) > (nblocks - count - 2) * 0.9 + 1:
+        count -= 1  # too few fillers to bring the mean back to 1: fewer targets
+    scales[2:2 + count] = 1 + targets[:count]
+    fillers = nblocks - count - 2
+    if fillers > 0:  # fillers take the imbalance, each within (0, 2) so the nested absmax stays 1
+        scales[2 + count:] = 1 - (1 + float(targets[:count].sum())) / (fillers + 1)
+    if nblocks == 1:
+        return scales
+    scales[0] = 2.0
+    low, high = (torch.tensor(v).view(torch.int32).item() for v in (0.0, 2.0))
+    while low < high:  # mean() is monotone in the balancer: bisect its float32 bit pattern
+        middle = (low + high) // 2
+        scales[1] = torch.tensor(middle, dtype=torch.int32).view(torch.float32)
+        low, high = (middle + 1, high) if scales.mean() < 1 else (low, middle)
+    scales[1] = torch.tensor(low, dtype=torch.int32).view(torch.float32)
+    return scales
+
+
+def nf4_weight(case) -> torch.Tensor:
+    """The weight of an NF4 case (fields rows, cols, blocksize, dtype, values, seed), on the CPU."""
+    generator, n, blocksize = _generator(case), math.prod(_shape(case)), case["blocksize"]
+    nblocks = -(-n // blocksize)
+    kind = case["values"]
+    flat = torch.randn(n, generator=generator)  # (n,)
+    if kind == "heavy":
+        flat = (flat * torch.exp(2 * torch.randn(n, generator=generator))).clamp(-6e4, 6e4)
+    elif kind == "nf4_ties":
+        code = nf4.nf4_code()
+        pattern = torch.cat([_midpoints(code), -_midpoints(code), code])  # (46,)
+        pattern = pattern[torch.randperm(46, generator=generator)]
+        flat = pattern[torch.arange(n) % 46]  # (n,)
+        flat[::blocksize] = torch.randint(0, 2, (nblocks,), generator=generator) * 2.0 - 1  # +-1
+        exponents = torch.randint(-4, 5, (nblocks,), generator=generator).float()
+        flat = flat * torch.exp2(exponents).repeat_interleave(blocksize)[:n]  # exact in float32
+    elif kind == "zero_blocks":
+        blocks = torch.arange(n) // blocksize  # (n,) block of each element
+        flat[(blocks % 2 == 1) | (blocks == nblocks - 1)] = 0.0
+    elif kind == "dynamic_ties":
+        scales = _block_scales(nblocks, generator).repeat_interleave(blocksize)[:n]  # (n,)
+        flat = scales * (torch.rand(n, generator=generator) * 2 - 1)  # |x| < scale
+        flat[::blocksize] = scales[::blocksize]  # each block's absmax is its scale exactly
+    return flat.to(DTYPES[case["dtype"]]).view(_shape(case))
+
+
+def nf4_weight_to_dequantize(case) -> nf4.NF4Weight:
+    """The NF4Weight of a dequantize case: the reference's quantization, or random bytes."""
+    if case["values"] != "random_bytes":
+        weight = nf4_weight({**case, "dtype": case["source_dtype"]})
+        return nf4.quantize_nf4(weight, case["blocksize"], case["double_quant"])
+    generator, n = _generator(case), math.prod(_shape(case))
+    nblocks = -(-n // case["blocksize"])
+    packed = torch.randint(0, 256, ((n + 1) // 2,), generator=generator, dtype=torch.uint8)
+    if not case["double_quant"]:
+        absmax = torch.rand(nblocks, generator=generator) * 4
+        nested = offset = nested_blocksize = None
+    else:
+        absmax = torch.randint(0, 256, (nblocks,), generator=generator, dtype=torch.uint8)
+        nested = torch.rand(-(-nblocks // nf4.NESTED_BLOCKSIZE), generator=generator) * 2
+        offset, nested_blocksize = torch.rand((), generator=generator) * 2, nf4.NESTED_BLOCKSIZE
+    return nf4.NF4Weight(packed, absmax, nested, offset, _shape(case),
+                         DTYPES[case["source_dtype"]], case["blocksize"], nested_blocksize)
+
+
+@st.composite
+def nf4_cases(draw, values=NF4_VALUES):
+    blocksize = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES))
+    rows = draw(st.integers(1, 3))
+    return {"rows": rows, "cols": draw(st.integers(1, 3 * blocksize // rows + 2)),
+            "blocksize": blocksize, "double_quant": draw(st.booleans()),
+            "dtype": draw(st.sampled_from(tuple(DTYPES))),
+            "values": draw(st.sampled_from(values)), "seed": draw(st.integers(0, 2**16))}
+
+
+@st.composite
+def nf4_dequantize_cases(draw):
+    case = draw(nf4_cases(values=NF4_VALUES + ("random_bytes",)))
+    return {**case, "source_dtype": case["dtype"], "dtype": draw(st.sampled_from(tuple(DTYPES)))}
+
+
+# ----------------------------------------------------------------------------- adapters
+@st.composite
+def adapter_cases(draw, contract):
+    case = {"lead": draw(st.sampled_from([(), (1,), (3,), (2, 3)])),
+            "in_features": draw(st.integers(1, 9)), "out_features": draw(st.integers(1, 9)),
+            "r": draw(st.integers(1, 4)), "bias": draw(st.booleans()),
+            "dtype": draw(st.sampled_from(tuple(DTYPES))), "seed": draw(st.integers(0, 2**16))}
+    if contract != "vera_forward":
+        case["scaling"] = draw(st.sampled_from(SCALINGS))
+    if contract == "dora_forward":
+        case["zero_row"] = draw(st.booleans())
+    return case
+
+
+def adapter_inputs(contract, case) -> dict:
+    """x, weight, bias, the adapter's tensors and grad_out (dL/dy) of an adapter case, on the CPU."""
+    generator, dtype = _generator(case), DTYPES[case["dtype"]]
+    n_in, n_out, r = case["in_features"], case["out_features"], case["r"]
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(shape, generator=generator) * scale
+
+    x = randn(*case["lead"], n_in)  # (..., in)
+    weight = randn(n_out, n_in, scale=n_in**-0.5)  # (out, in)
+    bias = randn(n_out) if case["bias"] else None
+    A, B = randn(r, n_in, scale=n_in**-0.5), randn(n_out, r, scale=r**-0.5)  # (r, in), (out, r)
+    grad_out = randn(*case["lead"], n_out)  # (..., out)
+    inputs = {"x": x.to(dtype), "weight": weight.to(dtype),
+              "bias": None if bias is None else bias.to(dtype), "A": A, "B": B}
+    if contract == "vera_forward":
+        inputs.update(lambda_d=randn(r), lambda_b=randn(n_out))
+    else:
+        inputs["scaling"] = case["scaling"]
+    if contract == "dora_forward":
+        if case["zero_row"]:  # a zero row of V: ||V|| = 0 there (PEFT's NaN, its issue 2049)
+            inputs["weight"][0], B[0] = 0.0, 0.0
+        V = inputs["weight"].float() + case["scaling"] * B @ A  # (out, in)
+        magnitude = V.norm(dim=1) * (1 + 0.25 * randn(n_out))  # (out,): ||V|| perturbed
+        inputs["magnitude"] = magnitude
+    inputs["grad_out"] = grad_out.to(dtype)
+    return inputs
+
+
+# ----------------------------------------------------------------------------- AdamW
+@st.composite
+def adamw_cases(draw):
+    return {"rows": draw(st.integers(1, 3)), "cols": draw(st.integers(1, 17)),
+            "step": draw(st.sampled_from(ADAMW_STEPS)), "steps": draw(st.integers(1, 3)),
+            "lr": draw(st.sampled_from([1e-3, 1e-2, 0.1, 1.0])),
+            "betas": draw(st.sampled_from([(0.9, 0.999), (0.9, 0.95), (0.0, 0.99), (0.5, 0.5)])),
+            "eps": draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+            "weight_decay": draw(st.sampled_from([0.0, 0.01, 0.1])),
+            "gradients": draw(st.sampled_from(ADAMW_GRADIENTS)), "seed": draw(st.integers(0, 2**16))}
+
+
+def adamw_inputs(case) -> dict:
+    """param, grads (steps, *shape), the state before `step`, and the hyperparameters."""
+    generator, shape = _generator(case), _shape(case)
+    scale = GRADIENT_SCALE[case["gradients"]]
+    param = torch.randn(shape, generator=generator)
+    grads = torch.randn((case["steps"], *shape), generator=generator) * scale
+    late = case["step"] > 1  # at step 1 the state is AdamW's zeros; later a plausible history
+    exp_avg = torch.randn(shape, generator=generator) * scale * 0.1 * late
+    exp_avg_sq = (torch.randn(shape, generator=generator) * scale) ** 2 * late
+    hyper = {name: case[name] for name in ("step", "lr", "betas", "eps", "weight_decay")}
+    return {"param": param, "grads": grads, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, **hyper}
+
+
+# ----------------------------------------------------------------------------- all contracts
+def case_inputs(contract: str, case: dict, device="cpu") -> dict:
+    """The inputs of `case` for `contract`, drawn on the CPU from the case's seed, then on `device`."""
+    if contract == "nf4_quantize":
+        inputs = {"w": nf4_weight(case), "blocksize": case["blocksize"],
+                  "double_quant": case["double_quant"]}
+    elif contract == "nf4_dequantize":
+        inputs = {"q": nf4_weight_to_dequantize(case), "dtype": DTYPES[case["dtype"]]}
+    elif contract == "adamw_step":
+        inputs = adamw_inputs(case)
+    else:
+        inputs = adapter_inputs(contract, case)
+    return {name: value.to(device) if hasattr(value, "to") and not isinstance(value, torch.dtype)
+            else value for name, value in inputs.items()}
+
+
+STRATEGIES = {"nf4_quantize": nf4_cases, "nf4_dequantize": nf4_dequantize_cases,
+              "lora_forward": lambda: adapter_cases("lora_forward"),
+              "dora_forward": lambda: adapter_cases("dora_forward"),
+              "vera_forward": lambda: adapter_cases("vera_forward"), "adamw_step": adamw_cases}
+
+
+def _nf4(values, blocksize, rows, cols, dtype="float32", double_quant=False, seed=0, **more):
+    return {"rows": rows, "cols": cols, "blocksize": blocksize, "double_quant": double_quant,
+            "dtype": dtype, "values": values, "seed": seed, **more}
+
+
+def _adapter(contract, lead, n_in, n_out, r, bias, dtype, seed=0, **more):
+    case = {"lead": lead, "in_features": n_in, "out_features": n_out, "r": r, "bias": bias,
+            "dtype": dtype, "seed": seed, **more}
+    if contract != "vera_forward":
+        case.setdefault("scaling", 2.0)
+    if contract == "dora_forward":
+        case.setdefault("zero_row", False)
+    return case
+
+
+def _adamw(step, steps, gradients, weight_decay, eps=1e-8, lr=1e-3, rows=2, cols=5, seed=0):
+    return {"rows": rows, "cols": cols, "step": step, "steps": steps, "lr": lr,
+            "betas": (0.9, 0.999), "eps": eps, "weight_decay": weight_decay,
+            "gradients": gradients, "seed": seed}
+
+
+def _adapter_examples(contract):
+    zero_row = {"zero_row": True} if contract == "dora_forward" else {}
+    return [_adapter(contract, (), 1, 1, 1, False, "float32"),  # rank 1, one feature each way
+            _adapter(contract, (2, 3), 7, 5, 3, True, "bfloat16", **zero_row),
+            _adapter(contract, (3,), 9, 2, 4, True, "float16")]
+
+
+# Cases every checker runs before the drawn ones, whatever the number of examples: the mistakes
+# they catch are listed in docs/oracle.md.
+EXAMPLES = {
+    "nf4_quantize": [
+        _nf4("nf4_ties", 32, 1, 49),  # a naive argmin |s - q| takes the upper code at 6 midpoints
+        _nf4("dynamic_ties", 32, 1, 32 * 256, double_quant=True),  # ties of the 8-bit map
+        _nf4("zero_blocks", 64, 3, 70, "bfloat16", True),  # zero full and partial blocks
+        _nf4("heavy", 4096, 1, 2 * 4096 + 1, "float16", True)],  # odd count, widest blocks
+    "nf4_dequantize": [
+        {**_nf4("random_bytes", 32, 1, 1001, "bfloat16", True), "source_dtype": "float32"},
+        {**_nf4("zero_blocks", 64, 3, 70, "float32", False), "source_dtype": "float16"},
+        {**_nf4("nf4_ties", 128, 1, 300, "float16", True), "source_dtype": "float32"}],
+    "lora_forward": _adapter_examples("lora_forward"),
+    "dora_forward": _adapter_examples("dora_forward"),
+    "vera_forward": _adapter_examples("vera_forward"),
+    "adamw_step": [_adamw(1, 3, "normal", 0.1), _adamw(10, 2, "tiny", 0.0),
+                   _adamw(10**6, 1, "large", 0.01, eps=1e-6)]}
+
+_NF4_DTYPES = ("float32", "float16", "bfloat16")
+_NF4_KINDS = ("normal", "heavy", "nf4_ties", "zero_blocks")
+GOLDEN = {
+    # every blocksize twice, with each dtype, both settings of double_quant, odd partial blocks
+    "nf4_quantize": [_nf4(_NF4_KINDS[i % 4], blocksize, 1 + i % 3, (2 * blocksize + 7) // (1 + i % 3),
+                          _NF4_DTYPES[i % 3], i % 2 == 1, seed=i)
+                     for i, blocksize in enumerate(nf4.ALLOWED_BLOCKSIZES * 2)]
+    + EXAMPLES["nf4_quantize"]
+    + [_nf4("nf4_ties", 64, 1, 128), _nf4("dynamic_ties", 64, 1, 300 * 64, double_quant=True),
+       _nf4("zero_blocks", 128, 1, 100, double_quant=True), _nf4("normal", 32, 1, 7, "bfloat16")],
+    "nf4_dequantize": EXAMPLES["nf4_dequantize"]
+    + [{**_nf4("heavy", 256, 3, 333, "float32", True), "source_dtype": "bfloat16"},
+       {**_nf4("random_bytes", 4096, 1, 4097, "float16", False), "source_dtype": "float16"}],
+    "lora_forward": EXAMPLES["lora_forward"],
+    "dora_forward": EXAMPLES["dora_forward"],
+    "vera_forward": EXAMPLES["vera_forward"],
+    "adamw_step": [_adamw(1, 5, "normal", 0.01), _adamw(1000, 4, "tiny", 0.1, rows=3, cols=7),
+                   _adamw(2, 3, "zero", 0.0, lr=0.1)]}
