@@ -1,18 +1,24 @@
-"""Shared test setup: Hypothesis profiles and the project root on sys.path.
+"""Shared test setup: Hypothesis profiles, the project root on sys.path, and `--exercise`.
 
-Two profiles:
-- ``ci``: chosen when the ``CI`` environment variable is set. Derandomized (the same examples on every
-  run, so a red CI is reproducible) and sized so that the whole suite stays under about 3 minutes on
-  2 cores.
+Hypothesis profiles:
+- ``ci``: chosen when the ``CI`` environment variable is set. Derandomized (the same examples on
+  every run, so a red CI is reproducible) and sized so that the whole suite stays under about
+  3 minutes on 2 cores.
 - ``dev``: the default elsewhere. Random examples and more of them, to find new counterexamples.
-
+- ``exercise``: chosen by ``--exercise``. Few examples and no shrinking, so a red run returns in
+  seconds; the first failing example is reported as found.
 Select one by hand with ``pytest --hypothesis-profile=dev``.
+
+``python -m pytest --exercise MODULE.FUNCTION`` runs exactly the tests marked
+``@pytest.mark.exercise("MODULE.FUNCTION")``; ``--exercise list`` prints every exercise of
+docs/exercises.md with its test count. tests/exercises.py lists them in teaching order.
 """
 import os
 import sys
 
+import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,8 +41,63 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+settings.register_profile(
+    "exercise",
+    max_examples=10,
+    derandomize=True,
+    deadline=None,
+    database=None,  # a student's failing examples must not be replayed against the real code later
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking: report what failed, fast
+    suppress_health_check=list(HealthCheck),
+)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # The tensors in the tests are tiny: handing each op to a second OpenMP thread costs more than the
 # arithmetic (a tiny GPT forward: 0.5 ms on 1 thread, up to 180 ms on 2 when the cores are busy).
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--exercise", default=None, metavar="MODULE.FUNCTION",
+                     help="run only the tests of one exercise of docs/exercises.md; "
+                          "'list' prints them all")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "exercise(name, ...): the test checks exercise `name` of docs/exercises.md")
+    if config.getoption("--exercise"):
+        settings.load_profile("exercise")
+
+
+def marked_exercises(items) -> dict:
+    """{exercise name: [test items]} from the `exercise` markers."""
+    found = {}
+    for item in items:
+        for mark in item.iter_markers("exercise"):
+            for name in mark.args:
+                found.setdefault(name, []).append(item)
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--exercise")
+    if not wanted:
+        return
+    import exercises  # tests/exercises.py: the exercises in teaching order
+    found = marked_exercises(items)
+    if wanted == "list":
+        writer = config.pluginmanager.get_plugin("terminalreporter")
+        writer.write_line(f"{len(exercises.EXERCISES)} exercises "
+                          "(python -m pytest --exercise NAME runs one; see docs/exercises.md):")
+        for number, exercise in enumerate(exercises.EXERCISES, 1):
+            count = len(found.get(exercise.name, []))
+            writer.write_line(f"{number:3d}. {exercise.name:<44} {count:3d} tests   "
+                              f"{exercise.reading}")
+        pytest.exit("listed the exercises", returncode=0)
+    if wanted not in found:
+        raise pytest.UsageError(f"--exercise {wanted!r}: no test is marked for it; "
+                                "`python -m pytest --exercise list` lists the exercises")
+    keep = found[wanted]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep

@@ -1,0 +1,103 @@
+"""Comparisons that teach: on a mismatch, say where, by how much, and what kind of wrong it is.
+
+`assert_same(actual, expected)` is the one helper the tests use to compare tensors. It checks, in
+this order, and stops at the first failure:
+1. type, shape and dtype;
+2. a tolerance for the dtype (float32: rtol 1e-5, atol 1e-6): failing it means *wrong math*;
+3. bit equality (unless `exact=False`): failing only this means *right math, other rounding*, e.g.
+   a different order of operations, which the message says in so many words.
+Each failure names the first differing index, both values, the largest difference and, for floats,
+the distance in ulps (units in the last place). For integer tensors that hold packed NF4 bytes or
+8-bit codes, `blocksize` adds the block the first differing element falls in.
+"""
+from __future__ import annotations
+
+import torch
+
+# Tolerances of step 2: a correct formula computed in another order lands well inside them.
+TOLERANCES = {  # dtype: (rtol, atol)
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-2, 1e-3),   # 10 mantissa bits: one rounding is 4.9e-4 relative
+    torch.bfloat16: (2e-2, 1e-2),  # 7 mantissa bits: one rounding is 3.9e-3 relative
+}
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable floats lie between a and b (elementwise, as int64)."""
+    int_dtype = _SAME_WIDTH_INT[a.dtype]
+    bits = torch.finfo(a.dtype).bits
+
+    def ordered(x):  # the float's bit pattern as an integer that grows with the float's value
+        i = x.contiguous().view(int_dtype).to(torch.int64)
+        magnitude = i & ((1 << (bits - 1)) - 1)
+        return torch.where(i < 0, -magnitude, magnitude)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def _index(flat_index: int, shape) -> tuple:
+    index = []
+    for size in reversed(tuple(shape)):
+        index.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(index))
+
+
+def _report(actual, expected, differs, name, kind, blocksize=None) -> str:
+    first = int(torch.nonzero(differs.reshape(-1))[0])
+    a, e = actual.reshape(-1)[first].item(), expected.reshape(-1)[first].item()
+    lines = [f"{name}: {kind}",
+             f"  {int(differs.sum())} of {differs.numel()} elements differ; the first at index "
+             f"{_index(first, actual.shape)}: got {a!r}, expected {e!r}"]
+    if blocksize is not None:
+        lines[-1] += f" (block {first // blocksize} of {blocksize} elements)"
+    if actual.is_floating_point():
+        both = ~(torch.isnan(actual) & torch.isnan(expected))
+        diff = (actual.double() - expected.double()).abs()[both & differs]
+        if diff.numel():
+            lines.append(f"  largest difference {diff.max().item():.6g}; "
+                         f"ulps apart: first {int(ulps(actual, expected).reshape(-1)[first])}, "
+                         f"most {int(ulps(actual, expected)[differs].max())}")
+    else:
+        diff = (actual.long() - expected.long()).abs()
+        lines.append(f"  largest difference {int(diff.max())}")
+    return "\n".join(lines)
+
+
+def assert_same(actual, expected, name: str = "tensor", *, exact: bool = True,
+                rtol: float | None = None, atol: float | None = None,
+                blocksize: int | None = None) -> None:
+    """Tolerance first, then (with `exact`) bit equality; NaNs in the same places count as equal."""
+    for label, t in (("actual", actual), ("expected", expected)):
+        if not isinstance(t, torch.Tensor):
+            raise AssertionError(f"{name}: {label} is a {type(t).__name__}, not a torch.Tensor")
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)}, expected "
+                             f"{tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        raise AssertionError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    if actual.is_floating_point():
+        default_rtol, default_atol = TOLERANCES[actual.dtype]
+        rtol = default_rtol if rtol is None else rtol
+        atol = default_atol if atol is None else atol
+        close = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+        if not bool(close.all()):
+            raise AssertionError(_report(actual, expected, ~close, name,
+                                         f"wrong: outside rtol={rtol:g}, atol={atol:g}"))
+        if not exact:
+            return
+        same_bits = actual.view(_SAME_WIDTH_INT[actual.dtype]) == \
+            expected.view(_SAME_WIDTH_INT[actual.dtype])
+        same = same_bits | (torch.isnan(actual) & torch.isnan(expected))
+        if not bool(same.all()):
+            raise AssertionError(_report(
+                actual, expected, ~same, name,
+                "right math, other rounding: within tolerance but not bit-exact (the reference "
+                "computes the same formula in another order of operations or precision)"))
+        return
+    same = actual == expected
+    if not bool(same.all()):
+        raise AssertionError(_report(actual, expected, ~same, name, "values differ", blocksize))
