@@ -84,12 +84,11 @@ def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dic
     if contract == "nf4_dequantize":
         return {"dequantized": fn(inputs["q"], inputs["dtype"])}
     if contract == "adamw_step":
-        state = {name: inputs[name].clone() for name in ("param", "exp_avg", "exp_avg_sq")}
+        param, exp_avg, exp_avg_sq = (inputs[k].clone() for k in ("param", "exp_avg", "exp_avg_sq"))
         for i, grad in enumerate(inputs["grads"]):  # (steps, *shape): one call per step
-            fn(state["param"], grad.clone(), state["exp_avg"], state["exp_avg_sq"],
-               inputs["step"] + i, inputs["lr"], inputs["betas"], inputs["eps"],
-               inputs["weight_decay"])
-        return state
+            fn(param, grad.clone(), exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
+               inputs["betas"], inputs["eps"], inputs["weight_decay"])
+        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
     trained = TRAINED[contract] if gradients else ()
     leaves = {name: value.detach().clone().requires_grad_(name in trained)
               if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
@@ -196,7 +195,7 @@ def compare(contract, expected: dict, got: dict, inputs: dict, atol: dict | None
         else:
             error = (_bits(have) - _bits(want)).abs()
             bad = error != 0
-            start = inputs["param"].cpu().double().reshape(-1) if name == "param" else 0.0
+            start = inputs["param"].cpu().double().reshape(-1) if name == "param_after" else 0.0
             change, wanted = have.double() - start, want.double() - start  # AdamW: the update
             near = want.is_floating_point() and bool(
                 ((change - wanted).abs() <= INEXACT_RTOL * wanted.abs().max()).all())
@@ -207,7 +206,7 @@ def compare(contract, expected: dict, got: dict, inputs: dict, atol: dict | None
             problems.append(_difference(contract, name, i, want, have, error, int(bad.sum()),
                                         inputs, atol))
             if atol is None and near:
-                problems[-1] += (f" (within {INEXACT_RTOL:g} of the largest change: right math, "
+                problems[-1] += (f" (within {INEXACT_RTOL:g} relative: right math, "
                                  "other operation order? exact=False accepts that)")
     return problems
 

@@ -1,19 +1,20 @@
 """The cases behind oracle.py: what each checker draws, and the fixed cases of the golden files.
 
-A case is a dict of plain Python values (shapes, dtype names, parameters, the kind of values, a seed),
-so that a failing one can be printed and pasted back; `case_inputs(contract, case, device)` turns it
-into tensors, drawn on the CPU from `seed` (the same numbers on every device) and then moved.
-The kinds of values are the ones that catch real mistakes:
-- NF4 weights: "normal"; "heavy" tails (normal times a log-normal scale); "nf4_ties" (every block's
-  absmax a power of two and the other values the 15 NF4 midpoints times it, so that the scaled values
-  lie exactly on the midpoints in float32, near them in 16 bits); "zero_blocks" (every other block
-  and the last, possibly partial, block all zeros); "dynamic_ties" (block scales built so that with
-  double quantization the centred scales land exactly on midpoints of the 8-bit dynamic map).
-- NF4Weight to dequantize: any of those quantized, or "random_bytes" (every nibble, every 8-bit code).
-- adapters: odd widths, rank 1, leading dims (), (n,), (a, b), bias or not, 16-bit bases (adapters
-  in float32 beside them, as adapters.adapter_dtype does), B not zero; for DoRA optionally a zero row.
+A case is a dict of plain Python values (shapes, dtype names, parameters, the kind of values, a
+seed), so that a failing one can be printed and pasted back; `case_inputs(contract, case, device)`
+makes its tensors on the CPU from the seed (the same numbers for every device), then moves them.
+The kinds of values are those that catch real mistakes:
+- NF4 weights: "normal"; "heavy" tails (normal times a log-normal scale); "nf4_ties" (each block's
+  absmax a power of two, the other values the 15 NF4 midpoints times it: the scaled values lie
+  exactly on the midpoints in float32, near them in 16 bits); "zero_blocks" (every other block and
+  the last, maybe partial, block all zeros); "dynamic_ties" (block scales such that with double
+  quantization the centred scales lie exactly on midpoints of the 8-bit dynamic map).
+- NF4Weight to dequantize: those, quantized, or "random_bytes" (every nibble, every 8-bit code).
+- adapters: odd widths, rank 1, leading dims (), (n,), (a, b), bias or not, 16-bit bases (float32
+  adapters beside them, as adapters.adapter_dtype does), B not zero; for DoRA maybe a zero row.
 - AdamW: 1-3 consecutive calls from step 1 (zero state) or late steps, tiny gradients where eps
   dominates the denominator, zero gradients, weight decay on and off.
+The paper each contract comes from is cited in oracle.py.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def adapter_cases(draw, contract):
 
 
 def adapter_inputs(contract, case) -> dict:
-    """x, weight, bias, the adapter's tensors and grad_out (dL/dy) of an adapter case, on the CPU."""
+    """x, weight, bias, the adapter's tensors and grad_out (dL/dy) of a case, on the CPU."""
     generator, dtype = _generator(case), DTYPES[case["dtype"]]
     n_in, n_out, r = case["in_features"], case["out_features"], case["r"]
 
@@ -189,7 +190,8 @@ def adamw_cases(draw):
             "betas": draw(st.sampled_from([(0.9, 0.999), (0.9, 0.95), (0.0, 0.99), (0.5, 0.5)])),
             "eps": draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
             "weight_decay": draw(st.sampled_from([0.0, 0.01, 0.1])),
-            "gradients": draw(st.sampled_from(ADAMW_GRADIENTS)), "seed": draw(st.integers(0, 2**16))}
+            "gradients": draw(st.sampled_from(ADAMW_GRADIENTS)),
+            "seed": draw(st.integers(0, 2**16))}
 
 
 def adamw_inputs(case) -> dict:
@@ -207,7 +209,7 @@ def adamw_inputs(case) -> dict:
 
 # ----------------------------------------------------------------------------- all contracts
 def case_inputs(contract: str, case: dict, device="cpu") -> dict:
-    """The inputs of `case` for `contract`, drawn on the CPU from the case's seed, then on `device`."""
+    """The inputs of `case` for `contract`, drawn on the CPU from its seed, then on `device`."""
     if contract == "nf4_quantize":
         inputs = {"w": nf4_weight(case), "blocksize": case["blocksize"],
                   "double_quant": case["double_quant"]}
@@ -277,8 +279,9 @@ _NF4_DTYPES = ("float32", "float16", "bfloat16")
 _NF4_KINDS = ("normal", "heavy", "nf4_ties", "zero_blocks")
 GOLDEN = {
     # every blocksize twice, with each dtype, both settings of double_quant, odd partial blocks
-    "nf4_quantize": [_nf4(_NF4_KINDS[i % 4], blocksize, 1 + i % 3, (2 * blocksize + 7) // (1 + i % 3),
-                          _NF4_DTYPES[i % 3], i % 2 == 1, seed=i)
+    "nf4_quantize": [_nf4(_NF4_KINDS[i % 4], blocksize, rows=1 + i % 3,
+                          cols=(2 * blocksize + 7) // (1 + i % 3), dtype=_NF4_DTYPES[i % 3],
+                          double_quant=i % 2 == 1, seed=i)
                      for i, blocksize in enumerate(nf4.ALLOWED_BLOCKSIZES * 2)]
     + EXAMPLES["nf4_quantize"]
     + [_nf4("nf4_ties", 64, 1, 128), _nf4("dynamic_ties", 64, 1, 300 * 64, double_quant=True),

@@ -17,32 +17,49 @@ import sys
 
 import torch
 
+import nf4
 import oracle
 import oracle_cases
 import safetensors_io
 from oracle import ADAPTER_ARGS, FUNCTIONS, adapter_tolerances, expected_outputs
-from oracle_cases import case_inputs
+from oracle_cases import DTYPES, case_inputs
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # verify: float64 golden values are recomputed up to float64 summation order (~1e-16 n)
 GOLDEN_REL = 2**-40
 
 
-def golden_case(contract: str, case: dict) -> tuple:
-    """(tensors, args, input names, output names, atol) of one golden file."""
-    inputs = case_inputs(contract, case)
+def golden_case(contract: str, inputs: dict) -> tuple:
+    """(tensors, args, input names, output names, atol) of the golden file of `inputs`."""
     expected = expected_outputs(contract, inputs)
     atol = adapter_tolerances(contract, inputs, expected) if contract in ADAPTER_ARGS else {}
     if contract == "nf4_dequantize":
-        q = inputs.pop("q")
-        inputs.update(q.tensors())
-        args = {"shape": list(q.shape), "quantized_dtype": str(q.dtype)[6:],
-                "dtype": str(inputs.pop("dtype"))[6:], "blocksize": q.blocksize,
+        q = inputs["q"]
+        args = {"shape": list(q.shape), "quantized_dtype": DTYPE_NAMES[q.dtype],
+                "dtype": DTYPE_NAMES[inputs["dtype"]], "blocksize": q.blocksize,
                 "double_quant": q.nested_blocksize is not None}
+        inputs = q.tensors()
     else:
-        args = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and v is not None}
-        inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    tensors = {**inputs, **expected}
-    return tensors, args, list(inputs), list(expected), atol
+        args = {k: v for k, v in inputs.items() if v is not None and not torch.is_tensor(v)}
+        inputs = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+    return {**inputs, **expected}, args, list(inputs), list(expected), atol
+
+
+def inputs_from_file(contract: str, tensors: dict, args: dict) -> dict:
+    """The inputs of a golden file, as the checkers pass them: golden_case's inverse."""
+    if contract == "nf4_dequantize":
+        double_quant = args["double_quant"]
+        q = nf4.NF4Weight(tensors["packed"], tensors["absmax"], tensors.get("nested_absmax"),
+                          tensors.get("offset"), args["shape"], DTYPES[args["quantized_dtype"]],
+                          args["blocksize"], nf4.NESTED_BLOCKSIZE if double_quant else None)
+        return {"q": q, "dtype": DTYPES[args["dtype"]]}
+    inputs = {**tensors, **args}
+    if "betas" in inputs:
+        inputs["betas"] = tuple(inputs["betas"])  # a JSON list
+    if contract in ADAPTER_ARGS:
+        inputs.setdefault("bias", None)
+    return inputs
 
 
 def write_golden(directory: str) -> int:
@@ -51,7 +68,8 @@ def write_golden(directory: str) -> int:
     manifest = []
     for contract, cases in oracle_cases.GOLDEN.items():
         for i, case in enumerate(cases):
-            tensors, args, inputs, outputs, atol = golden_case(contract, case)
+            inputs = case_inputs(contract, case)
+            tensors, args, inputs, outputs, atol = golden_case(contract, inputs)
             name = f"{contract}_{i:02d}.safetensors"
             safetensors_io.save_file({k: v.contiguous() for k, v in tensors.items()},
                                      os.path.join(directory, name),
@@ -64,30 +82,39 @@ def write_golden(directory: str) -> int:
     return len(manifest)
 
 
+def verify_case(directory: str, entry: dict) -> list:
+    """What differs between one manifest entry's file and the reference on its stored inputs."""
+    contract = {function: name for name, function in FUNCTIONS.items()}[entry["function"]]
+    tensors, _ = safetensors_io.load_file(os.path.join(directory, entry["file"]))
+    inputs = inputs_from_file(contract, {k: tensors[k] for k in entry["inputs"]}, entry["args"])
+    recomputed, args, _, outputs, _ = golden_case(contract, inputs)
+    if sorted(outputs) != sorted(entry["outputs"]) or sorted(tensors) != sorted(recomputed):
+        return [f"outputs {sorted(entry['outputs'])}, expected {sorted(outputs)}"]
+    problems = []
+    for name in outputs:
+        want, have = recomputed[name], tensors[name]
+        if want.dtype != have.dtype or want.shape != have.shape:
+            problems.append(f"{name} is {have.dtype} {tuple(have.shape)}, expected {want.dtype} "
+                            f"{tuple(want.shape)}")
+        elif want.dtype == torch.float64:  # float64 exact values: up to summation order
+            error = (want - have).abs().max().item()
+            if not error <= GOLDEN_REL * want.abs().max().item():
+                problems.append(f"{name} differs from the reference by up to {error:.3g}")
+        elif not oracle._bits(want).equal(oracle._bits(have)):
+            problems.append(f"{name} differs from the reference at element "
+                            f"{int((oracle._bits(want) != oracle._bits(have)).nonzero()[0])}")
+    return problems
+
+
 def verify_golden(directory: str) -> list:
-    """Recompute every case of directory/manifest.json: a line per case that differs (empty: none)."""
-    with open(os.path.join(directory, "manifest.json")) as file:
+    """Recompute every case of directory/manifest.json: a line per case that differs."""
+    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
         manifest = json.load(file)["cases"]
-    contracts = {function: contract for contract, function in FUNCTIONS.items()}
     failures = []
     for entry in manifest:
         try:
-            contract = contracts[entry["function"]]
-            tensors, _ = safetensors_io.load_file(os.path.join(directory, entry["file"]))
-            stored = {name: tensors[name] for name in entry["outputs"]}
-            recomputed, args, _, outputs, _ = golden_case(contract, entry["case"])
-            same_inputs = all(oracle._bits(tensors[k]).equal(oracle._bits(recomputed[k])) for k in entry["inputs"])
-            problems = [] if same_inputs else ["inputs differ from the case's"]
-            if sorted(outputs) != sorted(stored) or args != entry["args"]:
-                problems.append("outputs or args differ from the manifest's")
-            for name in outputs if not problems else ():
-                want, have = recomputed[name], stored[name]
-                if want.dtype == torch.float64:  # float64 exact values: up to summation order
-                    ok = bool(((want - have).abs() <= GOLDEN_REL * want.abs().max()).all())
-                else:
-                    ok = want.dtype == have.dtype and oracle._bits(want).equal(oracle._bits(have))
-                problems += [] if ok else [f"{name} differs from the reference"]
-        except Exception as error:  # a missing or corrupt file, or a manifest entry it cannot read
+            problems = verify_case(directory, entry)
+        except Exception as error:  # a missing or corrupt file, or an entry it cannot read
             problems = [f"{type(error).__name__}: {error}".splitlines()[0]]
         failures += [f"{entry.get('file', entry)}: {'; '.join(problems)}"] if problems else []
     return failures
@@ -104,7 +131,7 @@ def main(argv: list) -> int:
         print(f"oracle.py: {directory} exists and is not a directory", file=sys.stderr)
         return 2
     if command == "verify" and not os.path.isfile(os.path.join(directory, "manifest.json")):
-        print(f"oracle.py: {directory} has no manifest.json (write it with golden)", file=sys.stderr)
+        print(f"oracle.py: no manifest.json in {directory} (run golden first)", file=sys.stderr)
         return 2
     if command == "golden":
         print(f"wrote {write_golden(directory)} cases and manifest.json to {directory}")
