@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import adapters
 import lora
 import nf4
+from checks import check_bool, check_int, check_tensor
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16  # "BFloat16 as computation data type" (sec. 3)
@@ -44,8 +45,7 @@ def check_compute_dtype(compute_dtype) -> None:
 
 
 def check_double_quant(double_quant) -> None:
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
+    check_bool(double_quant, "double_quant")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,6 +56,7 @@ def dequantize_to(q: nf4.NF4Weight, compute_dtype: torch.dtype) -> torch.Tensor:
 
     nf4.dequantize_nf4 forms code[k] * absmax in float32 and rounds once; float64 takes that float32
     value unchanged (every float32 is a float64)."""
+    check_compute_dtype(compute_dtype)
     if compute_dtype == torch.float64:
         return nf4.dequantize_nf4(q, torch.float32).to(torch.float64)
     return nf4.dequantize_nf4(q, compute_dtype)
@@ -141,9 +142,8 @@ class NF4Linear(nn.Module):
                  device=None):
         """An all-zero quantized weight, to be filled by `from_linear` or `load_state_dict`."""
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(in_features, "in_features", low=1)
+        check_int(out_features, "out_features", low=1)
         check_double_quant(double_quant)
         check_compute_dtype(compute_dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -168,6 +168,7 @@ class NF4Linear(nn.Module):
         """Quantize `linear.weight` to NF4 (bytes equal to bitsandbytes'); copy the bias unchanged."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_tensor(linear.weight, "linear.weight")  # a meta tensor has no values to quantize
         if linear.weight.dtype not in nf4.SUPPORTED_DTYPES:
             raise TypeError(f"linear.weight must be float32, float16 or bfloat16 to quantize to NF4 "
                             f"(as bitsandbytes), got {linear.weight.dtype}")
@@ -178,7 +179,7 @@ class NF4Linear(nn.Module):
         for name, tensor in q.tensors().items():
             setattr(layer, name, tensor)  # replaces the zero buffer
         if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+            layer.bias.copy_(check_tensor(linear.bias, "linear.bias", finite=True))
         return layer
 
     @property
@@ -227,6 +228,9 @@ class NF4Linear(nn.Module):
                 raise ValueError(f"state dict entry {key!r} is {state_dict[key].dtype} "
                                  f"{tuple(state_dict[key].shape)}, NF4Linear expects {own.dtype} "
                                  f"{tuple(own.shape)} (another shape, blocksize or double_quant setting)")
+        for name in self._storage_names + ("bias",):  # float32 scales, offset and bias: no NaN/Inf
+            if prefix + name in state_dict:
+                check_tensor(state_dict[prefix + name], f"state dict entry {prefix + name!r}", finite=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

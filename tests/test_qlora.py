@@ -287,6 +287,7 @@ def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, ou
                                                          double_quant, bias, lead, seed, r, compute_dtype):
     """float32 compute: outputs and gradients (x, A, B) bit for bit LoRA's on nn.Linear(dequantized W);
     other compute dtypes: within the base's rounding of the float64 value of the same formula."""
+    r = min(r, max(in_features, out_features))  # adapters refuse a rank above both widths
     linear = make_linear(in_features, out_features, bias, seed, device)
     W = dequantized_reference(linear, blocksize, double_quant)
     qlayer = lora.LoRALinear(qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype),
@@ -483,14 +484,15 @@ def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
 @given(**layer_shapes, compute_dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features, blocksize, double_quant,
                                                        bias, lead, seed, compute_dtype):
-    """16-bit compute: the merged nn.Linear holds round(W + round(s B A)) in the compute dtype; its
-    output on x in that dtype is within 16-bit rounding of the adapted layer's."""
+    """16-bit compute, merged in it: the merged nn.Linear holds round(W + round(s B A)) in the compute
+    dtype; its output on x in that dtype is within 16-bit rounding of the adapted layer's."""
+    r = min(3, max(in_features, out_features))  # adapters refuse a rank above both widths
     layer = lora.LoRALinear(qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed),
-                                                        blocksize, double_quant, compute_dtype), 3, 6.0,
-                              generator=torch.Generator().manual_seed(seed))
+                                                        blocksize, double_quant, compute_dtype), r,
+                            2.0 * r, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(out_features, 3, generator=torch.Generator().manual_seed(seed)))
-    merged = adapters.merge_adapters(nn.Sequential(layer))[0]
+        layer.lora_B.copy_(torch.randn(out_features, r, generator=torch.Generator().manual_seed(seed)))
+    merged = adapters.merge_adapters(nn.Sequential(layer), dtype=compute_dtype)[0]
     W = layer.base.dequantized_weight()
     assert type(merged) is nn.Linear and merged.weight.dtype == compute_dtype
     assert torch.equal(merged.weight, W + layer.delta_weight().to(compute_dtype))
@@ -556,20 +558,24 @@ def test_memory_report_counts_every_byte():
     optimizer.step()
     report = qlora.qlora_memory_report(model, optimizer)
     n = 12 * C * C  # q, k, v, o: C², up and down: 4 C²
-    adapters = 4 * r * (4 * 2 * C + 2 * 5 * C)  # float32 A and B, r·(in + out) per layer
+    adapter_bytes = 4 * r * (4 * 2 * C + 2 * 5 * C)  # float32 A and B, r·(in + out) per layer
     assert report["nf4_weights"] == n // 2
     assert report["nf4_statistics"] == (4 * (256 + 4 + 4) + 2 * (1024 + 16 + 4))  # codes, nested, offset
-    assert report["adapters"] == adapters and report["gradients"] == adapters
-    assert report["optimizer_state"] == 2 * adapters == report["optimizer_state_on_device"]
+    assert report["adapters"] == adapter_bytes and report["gradients"] == adapter_bytes
+    assert report["optimizer_state"] == 2 * adapter_bytes == report["optimizer_state_on_device"]
     # tok_emb, pos_emb (block_size 16), 3 norms (weight, bias), biases of q k v o up down, lm_head
-    other = 4 * (V * C + 16 * C + 3 * 2 * C + (4 * C + 4 * C + C) + V * C) + 6 * 16  # + nf4_format
-    assert report["other_weights"] == other
+    dense_other = 4 * (V * C + 16 * C + 3 * 2 * C + (4 * C + 4 * C + C) + V * C)
+    # + the 16-byte nf4_format records + the adapter layers' own buffers (bookkeeping such as a
+    # merged flag, not adapter weights)
+    bookkeeping = 6 * 16 + sum(t.numel() * t.element_size() for layer in adapters.adapter_layers(model).values()
+                               for t in layer.buffers(recurse=False))
+    assert report["other_weights"] == dense_other + bookkeeping
     everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    assert report["total"] == everything + adapters + 2 * adapters  # + gradients + two moments
+    assert report["total"] == everything + adapter_bytes + 2 * adapter_bytes  # + gradients + two moments
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
         dense = qlora.dense_weight_bytes(model, dtype)
         assert dense["quantized_layers"] == size * n
-        assert dense["base_model"] == size * (n + (other - 6 * 16) // 4)
+        assert dense["base_model"] == size * (n + dense_other // 4)
     ratio = (report["nf4_weights"] + report["nf4_statistics"]) / qlora.dense_weight_bytes(model, torch.float32)[
         "quantized_layers"]
     assert ratio == report["bits_per_parameter"] / 32 and abs(ratio - 4.127 / 32) < 0.001 / 32
@@ -621,3 +627,72 @@ def test_bad_inputs_raise_clear_errors():
         poisoned.weight[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         qlora.NF4Linear.from_linear(poisoned)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite values and bad options (issue 17): refused where they enter, naming the tensor.
+
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_from_linear_refuses_a_non_finite_bias(value):
+    """A NaN weight is refused by the quantizer; a NaN bias would pass unquantized into every output."""
+    poisoned = make_linear(64, 4, True, 0)
+    with torch.no_grad():
+        poisoned.bias[2] = value
+    with pytest.raises(ValueError, match="bias.*NaN or Inf"):
+        qlora.NF4Linear.from_linear(poisoned)
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("double_quant, name", [(True, "offset"), (True, "nested_absmax"),
+                                                (False, "absmax"), (True, "bias"), (False, "bias")])
+def test_loading_non_finite_scales_offset_or_bias_fails_and_loads_nothing(double_quant, name, value):
+    """The float32 statistics (absmax without double quantization; nested_absmax and offset with it)
+    and the bias scale every output: one NaN there is NaN in every output of its block or row."""
+    source = qlora.NF4Linear.from_linear(make_linear(128, 8, True, 0), 64, double_quant)
+    state = source.state_dict()
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = value
+    target = qlora.NF4Linear.from_linear(make_linear(128, 8, True, 1), 64, double_quant)
+    kept = dict(storage(target), bias=target.bias.detach().clone())
+    with pytest.raises(ValueError, match=f"'{name}'.*NaN or Inf"):
+        target.load_state_dict(state)
+    assert all(torch.equal(kept[k], getattr(target, k)) for k in kept)  # nothing half-loaded
+    model = nn.Sequential(target)  # the entry is named with its prefix inside a model
+    with pytest.raises(ValueError, match=f"'0.{name}'"):
+        model.load_state_dict({f"0.{k}": v for k, v in state.items()})
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_double_quant_must_be_a_bool_at_every_entry(bad):
+    model = make_gpt(0, n_layer=1)
+    calls = [lambda: qlora.NF4Linear(8, 8, double_quant=bad),
+             lambda: qlora.NF4Linear.from_linear(nn.Linear(64, 4), double_quant=bad),
+             lambda: qlora.quantize_model(model, double_quant=bad),
+             lambda: qlora.prepare_qlora(model, double_quant=bad)]
+    for call in calls:
+        with pytest.raises(TypeError, match="double_quant must be a bool"):
+            call()
+    assert not any(isinstance(m, (qlora.NF4Linear, lora.LoRALinear)) for m in model.modules())
+
+
+@pytest.mark.parametrize("bad", [torch.int32, torch.complex64, torch.bool, "bfloat16", None])
+def test_compute_dtype_is_checked_at_every_entry(bad):
+    model, q = make_gpt(0, n_layer=1), nf4.quantize_nf4(torch.randn(4, 64))
+    calls = [lambda: qlora.NF4Linear(8, 8, compute_dtype=bad),
+             lambda: qlora.NF4Linear.from_linear(nn.Linear(64, 4), compute_dtype=bad),
+             lambda: qlora.quantize_model(model, compute_dtype=bad),
+             lambda: qlora.prepare_qlora(model, compute_dtype=bad),
+             lambda: qlora.nf4_linear(torch.randn(2, 64), q, compute_dtype=bad),
+             lambda: qlora.dequantize_to(q, bad)]
+    for call in calls:
+        with pytest.raises(TypeError, match="compute_dtype must be"):
+            call()
+    assert not any(isinstance(m, (qlora.NF4Linear, lora.LoRALinear)) for m in model.modules())
+
+
+def test_a_meta_linear_is_refused_clearly():
+    with pytest.raises(ValueError, match="meta"):
+        qlora.NF4Linear.from_linear(nn.Linear(64, 4, device="meta"))
