@@ -1,4 +1,18 @@
-"""The README stays true: every function it names exists, and CI runs the README's test command."""
+"""The docs stay true to the code.
+
+README.md and every page in docs/ are checked for:
+- every `module.name` they cite (a project module, then attributes) resolves in the code;
+- every `tests/test_x.py::test_name` they cite is a test function in that file;
+- every file they name in backticks exists, and every relative link leads somewhere;
+- the README stays a front page (at most 16,000 bytes) that links to every docs page;
+- the results table is kept by hand in one place, with the columns train.py prints;
+- the quick start is the two commands, and CI runs the second one;
+- the file map's line counts are near the real ones;
+- the NF4 table in docs/nf4.md is the one nf4.nf4_code() builds.
+A module that does not exist yet fails only the names that cite it.
+"""
+import ast
+import glob
 import importlib
 import os
 import re
@@ -6,8 +20,15 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("tiny_gpt", "adapters", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "train",
-           "bench")
+MODULES = ("adapters", "adapter_files", "safetensors_io", "checks", "oracle", "oracle_cases",
+           "oracle_golden", "sample", "train", "bench", "tiny_gpt", "lora", "dora", "vera", "nf4",
+           "qlora", "paged_optim")
+# `lora.py`, `docs/nf4.md`: file names, not attributes.
+FILE_SUFFIXES = {"py", "md", "txt", "json", "safetensors", "pt", "png", "sh", "ini"}
+README_MAX_BYTES = 16_000
+TABLE_HEADER = "method  trainable"  # the first words of the table train.py prints
+TEST_COMMAND = "pip install -r requirements-dev.txt && python -m pytest"
+QUICK_START = ["pip install -r requirements.txt && python train.py", TEST_COMMAND]
 
 
 def read(name):
@@ -15,31 +36,99 @@ def read(name):
         return f.read()
 
 
-def named_in_readme():
-    """Every `module.name[.attr...]` in backticks whose module is one of ours."""
-    pattern = re.compile(r"`(%s)\.([A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*)(?:\(\))?`"
-                         % "|".join(MODULES))
-    found = pattern.findall(read("README.md"))
-    return sorted({(m, attr) for m, attr in found if attr != "py"})  # `lora.py` is a file name
+def doc_files():
+    pages = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    return ["README.md"] + pages
 
 
-def test_readme_names_many_functions():
-    # The map of equations to code names at least one function of each method's module.
-    modules = {m for m, _ in named_in_readme()}
-    assert {"tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim"} <= modules
+def without_urls(text):
+    return re.sub(r"https?://\S+", "", text)
 
 
-@pytest.mark.parametrize("module,attr", named_in_readme())
-def test_every_name_the_readme_gives_exists(module, attr):
+NAME = re.compile(r"(?<![\w./-])(%s)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)" % "|".join(MODULES))
+TEST_REF = re.compile(r"tests/(test_\w+\.py)::(\w+)")
+
+
+def cited_names():
+    found = set()
+    for doc in doc_files():
+        for module, attr in NAME.findall(without_urls(read(doc))):
+            if attr.split(".")[0] not in FILE_SUFFIXES:
+                found.add((doc, module, attr))
+    return sorted(found)
+
+
+def cited_tests():
+    return sorted({(doc, f, name) for doc in doc_files() for f, name in TEST_REF.findall(read(doc))})
+
+
+def test_docs_exist_and_cite_every_method_module():
+    modules = {m for _, m, _ in cited_names()}
+    assert {"tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "adapters"} <= modules
+    assert len(doc_files()) >= 8, "README.md and at least seven pages in docs/"
+
+
+@pytest.mark.parametrize("doc,module,attr", cited_names())
+def test_every_cited_name_exists(doc, module, attr):
     obj = importlib.import_module(module)
     for part in attr.split("."):
-        assert hasattr(obj, part), f"README names {module}.{attr}, but {part!r} does not exist"
+        assert hasattr(obj, part), f"{doc} cites {module}.{attr}, but {part!r} does not exist"
         obj = getattr(obj, part)
 
 
-def test_every_file_the_readme_names_exists():
-    for name in set(re.findall(r"`([A-Za-z_/.-]+\.(?:py|txt|md))`", read("README.md"))):
-        assert os.path.exists(os.path.join(ROOT, name)), f"README names {name}, which is missing"
+def functions_in(path):
+    tree = ast.parse(read(os.path.join("tests", path)))
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+@pytest.mark.parametrize("doc,path,name", cited_tests())
+def test_every_cited_test_exists(doc, path, name):
+    assert os.path.exists(os.path.join(ROOT, "tests", path)), f"{doc} cites tests/{path}: missing"
+    assert name in functions_in(path), f"{doc} cites tests/{path}::{name}: no such function"
+
+
+def test_the_equation_index_gives_code_and_test_on_every_row():
+    section = read("README.md").split("## Equation index", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and "---" not in line]
+    assert len(rows) > 20
+    for row in rows[1:]:  # after the header
+        assert NAME.search(row) and TEST_REF.search(row), f"row without code or test: {row}"
+
+
+@pytest.mark.parametrize("doc", doc_files())
+def test_every_file_named_exists(doc):
+    for name in set(re.findall(r"`([\w/.-]+\.(?:py|txt|md|ini|sh))`", read(doc))):
+        if name.startswith(("runs/", "/")):
+            continue  # written by a run, not part of the repository
+        assert os.path.exists(os.path.join(ROOT, name)), f"{doc} names {name}, which is missing"
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", doc_files())
+def test_every_relative_link_resolves(doc):
+    for target in re.findall(r"\]\(([^)\s]+)\)", read(doc)):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else \
+            os.path.join(ROOT, doc)
+        assert os.path.exists(full), f"{doc} links to {target}, which is missing"
+        if anchor and full.endswith(".md"):
+            with open(full, encoding="utf-8") as f:
+                headings = {slug(h) for h in re.findall(r"^#+ (.*)$", f.read(), flags=re.M)}
+            assert anchor in headings, f"{doc} links to {target}: no such heading"
+
+
+def test_readme_is_a_front_page_that_links_every_docs_page():
+    assert len(read("README.md").encode("utf-8")) <= README_MAX_BYTES
+    links = set(re.findall(r"\]\((docs/[\w.-]+\.md)", read("README.md")))
+    for page in doc_files()[1:]:
+        assert page in links, f"README.md does not link {page}"
 
 
 def quick_start_commands():
@@ -50,36 +139,44 @@ def quick_start_commands():
 
 
 def test_quick_start_is_exactly_two_commands():
-    assert quick_start_commands() == [
-        "pip install -r requirements.txt && python train.py",
-        "pip install -r requirements-dev.txt && python -m pytest",
-    ]
+    assert quick_start_commands() == QUICK_START
 
 
 def test_ci_runs_the_readme_test_command():
-    ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
-    assert quick_start_commands()[1] in ci_lines
-    assert read(".ci/run").startswith("#!/usr/bin/env bash") and "set -euo pipefail" in read(".ci/run")
+    ci = read(".ci/run")
+    assert TEST_COMMAND in [line.strip() for line in ci.splitlines()]
+    assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
 
 
-def test_readme_table_has_the_columns_train_py_prints():
+def test_the_results_table_is_kept_in_one_place_with_the_columns_train_py_prints():
     import train
     row = dict(method="lora", trainable=1, trainable_fraction=0.5, adapter_bytes=1,
                memory=dict(weights=1, total=2), ms_per_step=1.0, val_before=2.0, val_after=1.0)
     header = train.format_table([row]).splitlines()[0].split()
-    readme_headers = [line.split() for line in read("README.md").splitlines()
-                      if line.startswith("method  trainable")]
-    assert readme_headers and all(h == header for h in readme_headers)
+    copies = [(doc, line.split()) for doc in doc_files() for line in read(doc).splitlines()
+              if line.startswith(TABLE_HEADER)]
+    assert [doc for doc, _ in copies] == ["README.md"], "the table is pasted once, in README.md"
+    assert copies[0][1] == header
 
 
-def test_readme_nf4_table_is_the_code_the_module_builds():
+def test_file_map_line_counts_are_near_the_real_ones():
+    rows = re.findall(r"^\| \[`([\w/.-]+)`\]\([^)]*\) \| (\d+) \|", read("README.md"), flags=re.M)
+    assert len(rows) >= 10
+    for name, stated in rows:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            actual = sum(1 for _ in f)
+        # Loose on purpose: the map orients a reader; it should not break on every small edit.
+        assert abs(int(stated) - actual) <= max(20, actual // 5), f"{name}: {stated} vs {actual}"
+
+
+def test_nf4_table_in_the_docs_is_the_code_the_module_builds():
     import nf4
     rows = re.findall(r"^\| (\d+) \| ([01]{4}) \| (-?[\d.]+) \| \| (\d+) \| ([01]{4}) \| (-?[\d.]+) \|$",
-                      read("README.md"), flags=re.M)
+                      read("docs/nf4.md"), flags=re.M)
     printed = {}
     for row in rows:
         for index, bits, value in (row[:3], row[3:]):
             assert int(bits, 2) == int(index)
             printed[int(index)] = float(value)
     code = nf4.nf4_code().tolist()  # float32 values, widened exactly to Python floats
-    assert [printed[i] for i in range(16)] == code  # printed exactly, as the README says
+    assert [printed[i] for i in range(16)] == code  # printed exactly, as the page says
