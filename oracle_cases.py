@@ -89,7 +89,8 @@ def nf4_weight(case) -> torch.Tensor:
         code = nf4.nf4_code()
         pattern = torch.cat([_midpoints(code), -_midpoints(code), code])  # (46,)
         pattern = pattern[torch.randperm(46, generator=generator)]
-        flat = pattern[torch.arange(n) % 46]  # (n,)
+        position = torch.arange(n)
+        flat = pattern[(position - position // blocksize - 1) % 46]  # (n,), cycling past the +-1s
         flat[::blocksize] = torch.randint(0, 2, (nblocks,), generator=generator) * 2.0 - 1  # +-1
         exponents = torch.randint(-4, 5, (nblocks,), generator=generator).float()
         flat = flat * torch.exp2(exponents).repeat_interleave(blocksize)[:n]  # exact in float32

@@ -1,0 +1,443 @@
+"""Tests for the oracle kit (oracle.py, oracle_cases.py, oracle_golden.py, docs/oracle.md).
+
+Every checker must accept this project's functions and an independent plain implementation of the
+same contract written here, and reject known mistakes with the minimal case in its message. The
+golden files must round-trip through `verify`, fail it when a byte changes, hold bitsandbytes'
+bytes for NF4, and load with the `safetensors` package. docs/oracle.md's example is run as written.
+"""
+import dataclasses
+import json
+import os
+import re
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dora
+import lora
+import nf4
+import oracle
+import oracle_cases
+import oracle_golden
+import paged_optim
+import safetensors_io
+import vera
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = 3  # drawn cases beyond the explicit ones; those alone catch every mistake below
+
+
+# ----------------------------------------------------------------------------- plain implementations
+def nearest_by_midpoints(scaled, code):
+    """Index of the nearest code; on a midpoint the lower one (the contract)."""
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)
+
+
+def nearest_by_argmin(scaled, code):
+    """The naive rule: argmin |s - q| in float32, wrong where a midpoint rounds (see the tests)."""
+    return (scaled[:, None] - code).abs().argmin(dim=1)
+
+
+def blockwise(x, code, blocksize, nearest):
+    """(indices, absmax) of float32 x: s = x * (1/absmax), x / absmax in a partial last block."""
+    n, full = x.numel(), x.numel() - x.numel() % blocksize
+    padded = torch.cat([x, x.new_zeros(-n % blocksize)]).view(-1, blocksize)  # (nblocks, B)
+    absmax = padded.abs().amax(dim=1)  # (nblocks,)
+    safe = absmax.clamp(min=nf4.ABSMAX_FLOOR)
+    scaled = torch.cat([(x[:full].view(-1, blocksize) * safe[: full // blocksize, None].reciprocal())
+                        .view(-1), x[full:] / safe[full // blocksize:]])  # (n,)
+    return nearest(scaled, code.to(x.device)), absmax
+
+
+def plain_quantize(w, blocksize=64, double_quant=True, nearest=nearest_by_midpoints,
+                   nested_nearest=nearest_by_midpoints, high_first=True, absmax_dtype=None):
+    indices, absmax = blockwise(w.reshape(-1).float(), nf4.nf4_code(), blocksize, nearest)
+    if w.numel() % blocksize:
+        absmax[-1:] = absmax[-1:].clamp(min=nf4.ABSMAX_FLOOR)  # stored as the reference does
+    if absmax_dtype is not None:
+        absmax = absmax.to(absmax_dtype).float()
+    pairs = torch.cat([indices, indices.new_full((w.numel() % 2,), 7)]).view(-1, 2)  # (n/2, 2)
+    high, low = (pairs[:, 0], pairs[:, 1]) if high_first else (pairs[:, 1], pairs[:, 0])
+    result = {"packed": (high * 16 + low).to(torch.uint8), "absmax": absmax}
+    if double_quant:
+        offset = absmax.mean()
+        codes, nested = blockwise(absmax - offset, nf4.dynamic_code(), 256, nested_nearest)
+        result.update(absmax=codes.to(torch.uint8), nested_absmax=nested, offset=offset)
+    return result
+
+
+def plain_dequantize(q, dtype, high_first=True, multiply_dtype=torch.float32, offset=True):
+    flat = q.packed.reshape(-1)
+    pairs = [flat >> 4, flat & 15] if high_first else [flat & 15, flat >> 4]
+    indices = torch.stack(pairs, dim=1).view(-1)[: q.numel].long()  # (n,)
+    absmax = q.absmax
+    if q.nested_blocksize is not None:  # dynamic[c] * c1 + offset, two float32 roundings
+        nested = q.nested_absmax.repeat_interleave(256)[: absmax.numel()]
+        absmax = nf4.dynamic_code().to(flat.device)[absmax.long()] * nested
+        absmax = absmax + q.offset if offset else absmax
+    scales = absmax.repeat_interleave(q.blocksize)[: q.numel].to(multiply_dtype)
+    values = nf4.nf4_code().to(flat.device)[indices].to(multiply_dtype)
+    return (values * scales).to(dtype).view(q.shape)
+
+
+def plain_lora(x, weight, bias, A, B, scaling, forget_scaling=False, scale_bias=False,
+               detach_x=False):
+    x32, b = x.to(A.dtype), None if bias is None else bias.to(A.dtype)
+    low_rank = ((x32.detach() if detach_x else x32) @ A.t()) @ B.t()  # (..., r) @ (r, out)
+    s = 1.0 if forget_scaling else scaling
+    if scale_bias and b is not None:
+        return (F.linear(x32, weight.to(A.dtype)) + s * (low_rank + b)).to(x.dtype)
+    return (F.linear(x32, weight.to(A.dtype), b) + s * low_rank).to(x.dtype)
+
+
+def plain_dora(x, weight, bias, A, B, magnitude, scaling, scale_bias=False, detach=True,
+               norm_of_base=False, floor=True):
+    V = weight.to(A.dtype) + scaling * B @ A  # (out, in)
+    norm = (weight.to(A.dtype) if norm_of_base else V).norm(dim=1)  # (out,)
+    norm = norm.clamp_min(dora.DORA_NORM_EPS) if floor else norm
+    g = magnitude / (norm.detach() if detach else norm)  # (out,)
+    b = 0.0 if bias is None else bias.to(A.dtype)
+    y = g * F.linear(x.to(A.dtype), V) + (g * b if scale_bias else b)  # (..., out)
+    return y.to(x.dtype)
+
+
+def plain_vera(x, weight, bias, A, B, lambda_d, lambda_b, drop_lambda_b=False, detach_d=False,
+               per_rank=False):
+    x32 = x.to(A.dtype)
+    hidden = (x32 @ A.t()) * (lambda_d.detach() if detach_d else lambda_d)  # (..., r)
+    update = hidden @ B.t() * (1.0 if drop_lambda_b else lambda_b)  # (..., out)
+    update = update / A.shape[0] if per_rank else update
+    b = None if bias is None else bias.to(A.dtype)
+    return (F.linear(x32, weight.to(A.dtype), b) + update).to(x.dtype)
+
+
+def adamw(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
+          eps_inside=False, decay_after=False, l2=False, textbook=False):
+    (beta1, beta2), correction2 = betas, (1 - betas[1] ** step) ** 0.5
+    if l2:
+        grad = grad + weight_decay * param
+    elif not decay_after:
+        param.mul_(1 - lr * weight_decay)
+    if textbook:  # the same math as torch's, in the paper's order
+        exp_avg.mul_(beta1).add_((1 - beta1) * grad)
+        exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
+        m_hat, v_hat = exp_avg / (1 - beta1 ** step), exp_avg_sq / (1 - beta2 ** step)
+        param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+        return
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / correction2**2 + eps).sqrt() if eps_inside else \
+        (exp_avg_sq.sqrt() / correction2).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    if decay_after:
+        param.mul_(1 - lr * weight_decay)
+
+
+def variant(fn, **options):
+    def candidate(*args, **kwargs):
+        return fn(*args, **kwargs, **options)
+    candidate.__name__ = f"{fn.__name__}({options})"
+    return candidate
+
+
+# ----------------------------------------------------------------------------- the ties
+def test_naive_argmin_takes_the_upper_code_at_6_of_15_nf4_midpoints():
+    code = nf4.nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    assert torch.equal(nearest_by_midpoints(midpoints, code), torch.arange(15))  # the lower code
+    assert int((nearest_by_argmin(midpoints, code) != torch.arange(15)).sum()) == 6
+    dynamic = nf4.dynamic_code()
+    midpoints = (dynamic[:-1] + dynamic[1:]) / 2
+    assert int((nearest_by_argmin(midpoints, dynamic) != torch.arange(255)).sum()) == 53
+
+
+def test_tie_cases_put_scaled_values_exactly_on_the_midpoints():
+    code = nf4.nf4_code()
+    w = oracle_cases.nf4_weight(oracle_cases.EXAMPLES["nf4_quantize"][0]).reshape(-1)
+    scales = nf4.quantize_nf4(w, 32, False).absmax.repeat_interleave(32)[: w.numel()]
+    assert set(((code[:-1] + code[1:]) / 2).tolist()) <= set((w / scales).tolist())
+    case = oracle_cases.EXAMPLES["nf4_quantize"][1]  # 256 blocks: all reachable dynamic ties
+    q = nf4.quantize_nf4(oracle_cases.nf4_weight(case), 32, True)
+    assert q.offset.item() == 1.0 and q.nested_absmax.tolist() == [1.0]  # no rounding in s
+    centred = nf4.quantize_nf4(oracle_cases.nf4_weight(case), 32, False).absmax - 1.0
+    dynamic = nf4.dynamic_code()
+    ties = torch.isin(centred, (dynamic[:-1] + dynamic[1:]) / 2)
+    assert int(ties.sum()) == 84  # every midpoint m with 1 + m - 1 == m in float32
+    naive_wrong = nearest_by_argmin(centred, dynamic) != nearest_by_midpoints(centred, dynamic)
+    assert int((naive_wrong & ties).sum()) == 21
+    assert torch.equal(q.absmax.long(), nearest_by_midpoints(centred, dynamic))
+
+
+# ----------------------------------------------------------------------------- accepting
+ACCEPTED = [
+    (oracle.check_nf4_quantize, nf4.quantize_nf4), (oracle.check_nf4_quantize, plain_quantize),
+    (oracle.check_nf4_dequantize, nf4.dequantize_nf4),
+    (oracle.check_nf4_dequantize, plain_dequantize),
+    (oracle.check_lora_forward, lora.lora_forward), (oracle.check_lora_forward, plain_lora),
+    (oracle.check_dora_forward, dora.dora_forward), (oracle.check_dora_forward, plain_dora),
+    (oracle.check_vera_forward, vera.vera_forward), (oracle.check_vera_forward, plain_vera),
+    (oracle.check_adamw_step, oracle.torch_adamw_step), (oracle.check_adamw_step, adamw)]
+if hasattr(paged_optim, "adamw_step"):
+    ACCEPTED.append((oracle.check_adamw_step, paged_optim.adamw_step))
+
+
+@pytest.mark.parametrize("checker, fn", ACCEPTED, ids=lambda f: getattr(f, "__name__", f))
+def test_checker_accepts_the_reference_and_a_plain_implementation(checker, fn):
+    tried = checker(fn, examples=EXAMPLES)
+    contract = checker.__name__[len("check_"):]
+    assert tried["cases"] >= len(oracle_cases.EXAMPLES[contract]) + 1
+    if contract == "nf4_quantize":
+        assert {"nf4_ties", "dynamic_ties", "zero_blocks", "heavy"} <= set(tried["values"])
+        assert set(tried["dtype"]) == {"float32", "float16", "bfloat16"}
+
+
+# ----------------------------------------------------------------------------- rejecting
+REJECTED = [  # (checker, wrong implementation, what the message must show)
+    (oracle.check_nf4_quantize, variant(plain_quantize, nearest=nearest_by_argmin),
+     "'values': 'nf4_ties'", r"packed differs at byte \d+ \(elements \d+, \d+; block \d+\)"),
+    (oracle.check_nf4_quantize, variant(plain_quantize, nested_nearest=nearest_by_argmin),
+     "'values': 'dynamic_ties'", r"absmax differs at block \d+: expected 0x.., got 0x"),
+    (oracle.check_nf4_quantize, variant(plain_quantize, high_first=False),
+     "'blocksize': 32", r"packed differs at byte 0 .* \(codes (\d+), (\d+) vs \2, \1\)"),
+    (oracle.check_nf4_quantize, variant(plain_quantize, absmax_dtype=torch.bfloat16),
+     "'double_quant'", r"(absmax|nested_absmax|offset) differs at"),
+    (oracle.check_nf4_dequantize, variant(plain_dequantize, high_first=False),
+     "'values': 'random_bytes'", r"dequantized differs at index \(\d+,\) \(byte \d+, \w+ nibble"),
+    (oracle.check_nf4_dequantize, lambda q, dtype: plain_dequantize(q, dtype, multiply_dtype=dtype),
+     "'dtype': 'bfloat16'", r"dequantized differs at .* ulps apart"),
+    (oracle.check_nf4_dequantize, variant(plain_dequantize, offset=False),
+     "'double_quant': True", r"dequantized differs at index"),
+    (oracle.check_lora_forward, variant(plain_lora, forget_scaling=True),
+     "'scaling': 2.0", r"y differs at index \(0?,?\): expected .* \(exact\), got .* ulps > tol"),
+    (oracle.check_lora_forward, variant(plain_lora, scale_bias=True),
+     "'bias': True", r"y differs at index"),
+    (oracle.check_lora_forward, variant(plain_lora, detach_x=True),
+     "'r': 1", r"grad_x differs at index"),
+    (oracle.check_dora_forward, variant(plain_dora, scale_bias=True), "'bias': True", r"y differs"),
+    (oracle.check_dora_forward, variant(plain_dora, detach=False), "case: {", r"grad_(A|B) differs"),
+    (oracle.check_dora_forward, variant(plain_dora, norm_of_base=True), "case: {", r"y differs"),
+    (oracle.check_dora_forward, variant(plain_dora, floor=False), "'zero_row': True",
+     r"y differs at index \(0, 0, 0\): expected .* \(exact\), got nan"),
+    (oracle.check_vera_forward, variant(plain_vera, drop_lambda_b=True), "case: {", r"y differs"),
+    (oracle.check_vera_forward, variant(plain_vera, detach_d=True), "case: {",
+     r"grad_lambda_d: expected torch.float32 \(1,\), got None"),
+    (oracle.check_vera_forward, variant(plain_vera, per_rank=True), "'r': 3", r"y differs"),
+    (oracle.check_adamw_step, variant(adamw, eps_inside=True), "'gradients': 'tiny'",
+     r"param_after differs at index \(\d, \d\): .* ulps apart"),
+    (oracle.check_adamw_step, variant(adamw, decay_after=True), "'weight_decay': 0.1",
+     r"param_after differs"),
+    (oracle.check_adamw_step, variant(adamw, l2=True), "'weight_decay': 0.1", r"differs at"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, case_text, difference", REJECTED,
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_checker_rejects_a_known_mistake_with_the_minimal_case(checker, wrong, case_text,
+                                                                difference):
+    with pytest.raises(AssertionError) as failure:
+        checker(wrong, examples=EXAMPLES)
+    message = str(failure.value)
+    assert message.startswith(oracle.FUNCTIONS[checker.__name__[6:]] + " contract")
+    assert case_text in message.splitlines()[1], message  # the "case: {...}" line
+    assert re.search(difference, message), message
+    assert "reproduce:\n  import oracle\n  inputs = oracle.case_inputs(" in message
+
+
+def test_the_reproduce_lines_raise_the_same_error():
+    wrong = variant(plain_quantize, nearest=nearest_by_argmin)
+    with pytest.raises(AssertionError) as failure:
+        oracle.check_nf4_quantize(wrong, examples=EXAMPLES)
+    message = str(failure.value)
+    lines = [line.strip() for line in message.split("reproduce:", 1)[1].splitlines()]
+    with pytest.raises(AssertionError) as again:
+        exec("\n".join(lines), {"candidate": wrong})
+    assert str(again.value) == message
+
+
+def test_right_math_in_another_order_is_named_and_accepted_when_not_exact():
+    textbook = variant(adamw, textbook=True)
+    with pytest.raises(AssertionError, match="right math, other operation order"):
+        oracle.check_adamw_step(textbook, examples=EXAMPLES)
+    oracle.check_adamw_step(textbook, examples=EXAMPLES, exact=False)
+    with pytest.raises(AssertionError):  # wrong math stays wrong
+        oracle.check_adamw_step(variant(adamw, eps_inside=True), examples=EXAMPLES, exact=False)
+
+
+def test_a_crash_a_wrong_type_and_a_missing_gradient_are_reported_with_the_case():
+    def crash(w, blocksize, double_quant):
+        raise RuntimeError("kernel launch failed\nsecond line")
+    with pytest.raises(AssertionError, match=r"case: .*\n.*\n  fn raised RuntimeError: kernel "
+                                             r"launch failed\n  reproduce:"):
+        oracle.check_nf4_quantize(crash, examples=0)
+    with pytest.raises(AssertionError, match="returned tuple: expected an nf4.NF4Weight"):
+        oracle.check_nf4_quantize(lambda w, blocksize, double_quant: (1, 2), examples=0)
+    with pytest.raises(AssertionError, match="packed: expected torch.uint8 \\(25,\\), got 3"):
+        oracle.check_nf4_quantize(lambda w, **_: {"packed": 3, "absmax": None}, examples=0)
+
+    def no_grad(*args):
+        with torch.no_grad():
+            return lora.lora_forward(*args)
+    with pytest.raises(AssertionError, match="y does not require grad"):
+        oracle.check_lora_forward(no_grad, examples=0)
+    tried = oracle.check_lora_forward(no_grad, examples=0, gradients=False)
+    assert tried["cases"] == len(oracle_cases.EXAMPLES["lora_forward"])
+
+
+@pytest.mark.parametrize("options, error", [({"examples": -1}, ValueError),
+                                            ({"examples": 2.5}, ValueError),
+                                            ({"derandomize": "yes"}, TypeError),
+                                            ({"device": "no-such-device"}, RuntimeError)])
+def test_bad_options_are_refused(options, error):
+    with pytest.raises(error):
+        oracle.check_nf4_dequantize(nf4.dequantize_nf4, **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inputs_are_made_on_the_candidates_device():
+    def on_cuda(q, dtype):
+        assert q.packed.is_cuda and q.absmax.is_cuda
+        return nf4.dequantize_nf4(q, dtype)
+    oracle.check_nf4_dequantize(on_cuda, examples=EXAMPLES, device="cuda")
+    oracle.check_lora_forward(lora.lora_forward, examples=EXAMPLES, device="cuda")
+    oracle.check_adamw_step(oracle.torch_adamw_step, examples=EXAMPLES, device="cuda")
+
+
+# ----------------------------------------------------------------------------- golden files
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("golden"))
+    assert oracle_golden.main(["golden", directory]) == 0
+    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
+        return directory, json.load(file)["cases"]
+
+
+def test_golden_files_cover_the_contracts_and_verify(golden, capsys):
+    directory, cases = golden
+    nf4_cases = [c for c in cases if c["function"] == "nf4.quantize_nf4"]
+    assert len(nf4_cases) >= 20
+    assert {c["args"]["blocksize"] for c in nf4_cases} == set(nf4.ALLOWED_BLOCKSIZES)
+    assert {c["case"]["dtype"] for c in nf4_cases} == {"float32", "float16", "bfloat16"}
+    assert {"nf4_ties", "dynamic_ties", "zero_blocks"} <= {c["case"]["values"] for c in nf4_cases}
+    assert any(c["case"]["rows"] * c["case"]["cols"] % 2 for c in nf4_cases)  # odd counts
+    for c in nf4_cases:
+        assert c["inputs"] == ["w"] and set(c["args"]) == {"blocksize", "double_quant"}
+        assert c["outputs"] == ["packed", "absmax"] + ["nested_absmax", "offset"] * \
+            c["args"]["double_quant"]
+    functions = {c["function"] for c in cases}
+    assert {"nf4.dequantize_nf4", "lora.lora_forward", "dora.dora_forward", "vera.vera_forward",
+            "paged_optim.adamw_step"} <= functions
+    lora_case = next(c for c in cases if c["function"] == "lora.lora_forward")
+    assert {"y", "grad_x", "grad_A", "grad_B"} == set(lora_case["outputs"]) == set(lora_case["atol"])
+    tensors, metadata = safetensors_io.load_file(os.path.join(directory, lora_case["file"]))
+    assert "grad_out" in tensors and json.loads(metadata["args"]) == lora_case["args"]
+    adamw_case = next(c for c in cases if c["function"] == "paged_optim.adamw_step")
+    assert safetensors_io.load_file(os.path.join(directory, adamw_case["file"]))[0]["grads"].shape[0] > 1
+    assert oracle_golden.main(["verify", directory]) == 0
+    assert capsys.readouterr().out.strip().endswith("every case matches the reference")
+
+
+def test_a_changed_byte_makes_verify_fail_naming_the_case(golden, tmp_path, capsys):
+    directory = str(tmp_path / "golden")
+    shutil.copytree(golden[0], directory)
+    damaged, resaved = "nf4_quantize_03.safetensors", "nf4_quantize_05.safetensors"
+    path = os.path.join(directory, damaged)
+    with open(path, "r+b") as file:  # one bit of the last data byte
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)[0]
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last ^ 1]))
+    tensors, metadata = safetensors_io.load_file(os.path.join(directory, resaved))
+    tensors["packed"][3] ^= 0x10  # a valid file with a wrong byte: only recomputing finds it
+    metadata.pop(safetensors_io.CHECKSUM_KEY, None)
+    safetensors_io.save_file(tensors, os.path.join(directory, resaved), metadata)
+    assert oracle_golden.main(["verify", directory]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out if line.startswith("DIFFERS")] == \
+        [f"DIFFERS {damaged}", f"DIFFERS {resaved}"]
+    assert "packed differs from the reference at element 3" in out[1]
+    assert out[-1] == "2 case(s) differ"
+
+
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    for argv in ([], ["golden"], ["check", str(tmp_path)], ["verify", str(tmp_path)],
+                 ["golden", str(not_a_directory)], ["verify", str(tmp_path), "more"]):
+        assert oracle_golden.main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", ["oracle.py", "verify"])  # `python oracle.py verify`
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(os.path.join(ROOT, "oracle.py"), run_name="__main__")
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.startswith("oracle.py: expected a command")
+
+
+def test_golden_nf4_files_hold_bitsandbytes_bytes(golden):
+    bnb = pytest.importorskip("bitsandbytes")
+    directory, cases = golden
+    dynamic = nf4.dynamic_code().double()
+    for case in (c for c in cases if c["function"] == "nf4.quantize_nf4"):
+        tensors, _ = safetensors_io.load_file(os.path.join(directory, case["file"]))
+        double_quant = case["args"]["double_quant"]
+        packed, state = bnb.functional.quantize_4bit(
+            tensors["w"], blocksize=case["args"]["blocksize"], quant_type="nf4",
+            compress_statistics=double_quant)
+        assert torch.equal(tensors["packed"], packed.reshape(-1)), case["file"]
+        if not double_quant:
+            assert torch.equal(tensors["absmax"], state.absmax), case["file"]
+            continue
+        assert torch.equal(tensors["offset"], state.offset), case["file"]
+        assert torch.equal(tensors["nested_absmax"], state.state2.absmax), case["file"]
+        # bitsandbytes' CPU path picks the 8-bit code through a 65,536-bin table, not always the
+        # nearest one: ours must be at least as near to each scale, so compare the distances
+        scales = plain_quantize(tensors["w"], case["args"]["blocksize"], False)["absmax"]
+        nested = tensors["nested_absmax"].double().repeat_interleave(256)[: scales.numel()]
+        target = (scales.double() - tensors["offset"].double()) / nested.clamp(min=1e-38)
+        ours = (dynamic[tensors["absmax"].long()] - target).abs()
+        theirs = (dynamic[state.absmax.long()] - target).abs()
+        assert bool((ours <= theirs + 2.0**-22).all()), case["file"]
+
+
+def test_golden_files_load_with_the_safetensors_package(golden):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    directory, cases = golden
+    for case in cases:
+        path = os.path.join(directory, case["file"])
+        theirs = safetensors_torch.load_file(path)
+        ours, _ = safetensors_io.load_file(path)
+        assert set(theirs) == set(ours) == set(case["inputs"]) | set(case["outputs"])
+        for name, tensor in ours.items():
+            assert tensor.dtype == theirs[name].dtype and tensor.shape == theirs[name].shape
+            assert torch.equal(tensor.view(-1).view(torch.uint8), theirs[name].view(-1).view(
+                torch.uint8)), (case["file"], name)
+
+
+# ----------------------------------------------------------------------------- docs/oracle.md
+def read_docs():
+    with open(os.path.join(ROOT, "docs", "oracle.md"), encoding="utf-8") as file:
+        return file.read()
+
+
+def test_the_docs_example_runs_as_written():
+    block = re.search(r"## In your test suite\n.*?```python\n(.*?)```", read_docs(), re.S).group(1)
+    assert len(block.strip().splitlines()) <= 12
+    namespace = {}
+    exec(compile(block, "docs/oracle.md", "exec"), namespace)
+    tests = [fn for name, fn in namespace.items() if name.startswith("test_")]
+    assert len(tests) >= 2
+    for test in tests:
+        test()
+
+
+def test_the_docs_failure_message_is_what_the_checker_prints():
+    sample = re.search(r"```text\n(nf4.quantize_nf4 contract.*?)```", read_docs(), re.S).group(1)
+    with pytest.raises(AssertionError) as failure:
+        oracle.check_nf4_quantize(variant(plain_quantize, nearest=nearest_by_argmin))
+    printed = str(failure.value).splitlines()
+    for line in sample.splitlines()[:4]:  # the header, the case, the inputs, the difference
+        assert line in printed
