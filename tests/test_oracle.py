@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = 3  # drawn cases beyond the explicit ones; those alone catch every mistake below
 
 
-# ----------------------------------------------------------------------------- plain implementations
+# ------------------------------------------------------------------------ plain implementations
 def nearest_by_midpoints(scaled, code):
     """Index of the nearest code; on a midpoint the lower one (the contract)."""
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)
@@ -48,8 +48,9 @@ def blockwise(x, code, blocksize, nearest):
     padded = torch.cat([x, x.new_zeros(-n % blocksize)]).view(-1, blocksize)  # (nblocks, B)
     absmax = padded.abs().amax(dim=1)  # (nblocks,)
     safe = absmax.clamp(min=nf4.ABSMAX_FLOOR)
-    scaled = torch.cat([(x[:full].view(-1, blocksize) * safe[: full // blocksize, None].reciprocal())
-                        .view(-1), x[full:] / safe[full // blocksize:]])  # (n,)
+    reciprocal = safe[: full // blocksize, None].reciprocal()  # (nblocks_full, 1)
+    scaled = torch.cat([(x[:full].view(-1, blocksize) * reciprocal).view(-1),
+                        x[full:] / safe[full // blocksize:]])  # (n,)
     return nearest(scaled, code.to(x.device)), absmax
 
 
@@ -218,7 +219,8 @@ REJECTED = [  # (checker, wrong implementation, what the message must show)
     (oracle.check_lora_forward, variant(plain_lora, detach_x=True),
      "'r': 1", r"grad_x differs at index"),
     (oracle.check_dora_forward, variant(plain_dora, scale_bias=True), "'bias': True", r"y differs"),
-    (oracle.check_dora_forward, variant(plain_dora, detach=False), "case: {", r"grad_(A|B) differs"),
+    (oracle.check_dora_forward, variant(plain_dora, detach=False), "case: {",
+     r"grad_(A|B) differs"),
     (oracle.check_dora_forward, variant(plain_dora, norm_of_base=True), "case: {", r"y differs"),
     (oracle.check_dora_forward, variant(plain_dora, floor=False), "'zero_row': True",
      r"y differs at index \(0, 0, 0\): expected .* \(exact\), got nan"),
@@ -331,11 +333,13 @@ def test_golden_files_cover_the_contracts_and_verify(golden, capsys):
     assert {"nf4.dequantize_nf4", "lora.lora_forward", "dora.dora_forward", "vera.vera_forward",
             "paged_optim.adamw_step"} <= functions
     lora_case = next(c for c in cases if c["function"] == "lora.lora_forward")
-    assert {"y", "grad_x", "grad_A", "grad_B"} == set(lora_case["outputs"]) == set(lora_case["atol"])
+    assert set(lora_case["outputs"]) == set(lora_case["atol"]) == {"y", "grad_x", "grad_A",
+                                                                   "grad_B"}
     tensors, metadata = safetensors_io.load_file(os.path.join(directory, lora_case["file"]))
     assert "grad_out" in tensors and json.loads(metadata["args"]) == lora_case["args"]
     adamw_case = next(c for c in cases if c["function"] == "paged_optim.adamw_step")
-    assert safetensors_io.load_file(os.path.join(directory, adamw_case["file"]))[0]["grads"].shape[0] > 1
+    adamw_tensors, _ = safetensors_io.load_file(os.path.join(directory, adamw_case["file"]))
+    assert adamw_tensors["grads"].shape[0] > 1  # several steps
     assert oracle_golden.main(["verify", directory]) == 0
     assert capsys.readouterr().out.strip().endswith("every case matches the reference")
 
