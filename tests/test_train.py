@@ -1,23 +1,99 @@
-"""train.py: the corpus, batches, checkpoints (atomic, config-checked) and bit-exact resume."""
+"""train.py: batches, the learning-rate schedule, checkpoints with checksums, resume (bit for bit,
+and refused for another run), the stop at a non-finite loss, every flag checked when parsed, and
+the run folder one `--quick` run leaves (shared by the tests that read it, and by test_sample.py).
+"""
+import atexit
+import contextlib
 import dataclasses
+import functools
+import io
+import json
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 import adapters
 import lora
+import safetensors_io
+import sample
 import train
-from tiny_gpt import GPT, GPTConfig
 
 QUICK = train.TrainConfig(**train.QUICK)
 
 
+@functools.lru_cache(maxsize=None)
+def quick_run() -> tuple[str, list, str]:
+    """One `train.py --quick` of every method for the whole session: (folder, rows, stdout).
+    Tests that change files work on a copy (copy_of_quick_run)."""
+    folder = tempfile.mkdtemp(prefix="quick-run-")
+    atexit.register(shutil.rmtree, folder, True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        rows = train.main(["--quick", "--out", folder])
+    return folder, rows, printed.getvalue()
+
+
+def copy_of_quick_run(tmp_path, only_base: bool = False) -> str:
+    """A private copy of the quick run's folder; `only_base`: just its pretrained base (a cache
+    hit, so pretraining is skipped)."""
+    folder = tmp_path / "run"
+    source = quick_run()[0]
+    if only_base:
+        folder.mkdir()
+        for name in os.listdir(source):
+            if name.startswith("base-"):
+                shutil.copy(os.path.join(source, name), folder / name)
+    else:
+        shutil.copytree(source, folder)
+    return str(folder)
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """train.main's exit status (0 when it returns) and what it wrote to stderr."""
+    capsys.readouterr()
+    try:
+        train.main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def flip_byte(path: str, where: float = 0.5) -> None:
+    """Change one byte, `where` of the way into the file (by default its middle)."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        index = int(len(data) * where)
+        data[index] ^= 0x01
+        f.seek(0)
+        f.write(data)
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text  # one line, no traceback
+    return lines[0]
+
+
+def error_line(text: str) -> str:
+    """The one error line at the end of what a run wrote to stderr (after its progress lines)."""
+    assert "Traceback" not in text, text
+    errors = [line for line in text.strip().splitlines() if line.startswith("train.py: ")]
+    assert len(errors) == 1 and text.strip().endswith(errors[0]), text
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------ data and schedule
+
 def test_vocab_has_unk_first_and_unknown_characters_map_to_it():
     vocab = train.build_vocab("banana")
-    assert vocab == train.UNK + "abn"
-    ids, unknown = train.encode("nab\u03c3a!", vocab)
+    assert vocab == sample.UNK + "abn"
+    ids, unknown = sample.encode("nab\u03c3a!", vocab)
     assert ids.tolist() == [3, 1, 2, 0, 1, 0] and unknown == 2
+    assert sample.decode(ids.tolist(), vocab) == "nab\ufffda\ufffd"  # UNK shows as a mark
 
 
 def test_corpora_are_deterministic_and_split_by_position():
@@ -26,9 +102,9 @@ def test_corpora_are_deterministic_and_split_by_position():
     a, b = train.make_corpus(text, vocab), train.make_corpus(text, vocab)
     assert a.fingerprint == b.fingerprint and a.unknown == 0
     assert len(a.train) + len(a.val) == len(text)
-    assert abs(len(a.val) / len(text) - train.VAL_FRACTION) < 1e-3
+    assert abs(len(a.val) / len(text) - sample.VAL_FRACTION) < 1e-3
     fine = train.make_corpus(train.finetuning_text(), vocab)
-    decoded = "".join(vocab[i] for i in fine.train[:20000].tolist())
+    decoded = sample.decode(fine.train[:20000].tolist(), vocab)
     assert decoded.startswith("# ---- textwrap.py") and "def " in decoded
 
 
@@ -39,103 +115,142 @@ def test_get_batch_targets_are_inputs_shifted_by_one():
     assert torch.equal(y, x + 1)  # data[i] = i, so the next token is the id plus one
 
 
-def test_checkpoint_of_another_config_fails_clearly(tmp_path):
-    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
-    path = str(tmp_path / "c.pt")
-    adapters.atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
-    same = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8),
-               generator=torch.Generator().manual_seed(9))
-    train.load_checkpoint(path, same)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
-    other = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8))
-    with pytest.raises(ValueError, match="model config"):
-        train.load_checkpoint(path, other)
+def test_warm_up_reaches_the_peak_on_its_last_step_then_decays_to_a_tenth():
+    peak, warmup, total = 3e-3, 30, 700
+    lrs = [train.lr_at(step, total, peak, warmup) for step in range(total)]
+    assert lrs[0] == peak / warmup  # step 0 already learns: peak * 1 / warmup, not 0
+    assert lrs[warmup - 1] == peak  # the last warm-up step reaches the peak exactly
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
+    assert lrs[warmup] == peak  # the cosine starts at the peak ...
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert peak / 10 < lrs[-1] < peak / 10 * 1.001  # ... and ends just above a tenth of it
+    assert train.lr_at(0, 10, peak, 0) == peak  # fine-tuning: no warm-up
 
+
+def test_format_table_aligns_any_columns():
+    columns = (("name", lambda r: r["name"], "<"), ("value", lambda r: f"{r['v']:.1f}", ">"))
+    table = train.format_table([dict(name="a", v=1.0), dict(name="long", v=22.25)], columns)
+    assert table.splitlines() == ["name  value", "----  -----", "a       1.0", "long   22.2"]
+
+
+def test_train_and_sample_stay_within_the_reading_limits():
+    for name in ("train.py", "sample.py"):
+        with open(os.path.join(os.path.dirname(train.__file__), name), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        assert len(lines) <= 450, name
+        assert max(len(line) for line in lines) <= 100, name
+
+
+# ------------------------------------------------------------------------ files and checksums
+
+def test_checkpoint_round_trip_and_every_damage_is_a_one_line_error(tmp_path):
+    path = str(tmp_path / "c.pt")
+    sample.save_checkpoint({"weights": torch.arange(1000.0), "step": 3}, path)
+    ckpt = sample.read_checkpoint(path)
+    assert ckpt["step"] == 3 and torch.equal(ckpt["weights"], torch.arange(1000.0))
+    good = open(path, "rb").read()
+    half = len(good) // 2
+    damages = {"middle": lambda d: d[:half] + bytes([d[half] ^ 1]) + d[half + 1:],
+               "truncated": lambda d: d[:len(d) // 2],
+               "digest": lambda d: d.replace(d[80:81], b"x" if d[80:81] != b"x" else b"y", 1),
+               "first line": lambda d: b"junk" + d[4:],
+               "empty": lambda d: b""}
+    for what, damage in damages.items():
+        with open(path, "wb") as f:
+            f.write(damage(good))
+        with pytest.raises(sample.CorruptFile, match="c.pt") as error:
+            sample.read_checkpoint(path)
+        assert "\n" not in str(error.value), what
+    assert "empty" in str(error.value)
+
+
+def test_json_files_carry_a_checksum_and_a_change_is_detected(tmp_path):
+    path = str(tmp_path / "run.json")
+    sample.write_json(path, {"lora": {"rank": 8}})
+    assert sample.read_json(path) == {"lora": {"rank": 8}}
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text.replace('"rank": 8', '"rank": 9'))
+    with pytest.raises(sample.CorruptFile, match="run.json does not match"):
+        sample.read_json(path)
+
+
+# ----------------------------------------------------------------------------------- the loop
 
 class Crash(Exception):
     pass
 
 
-def run_steps(tmp_path, crash_at=None, resume=False, optimizer="adamw"):
-    cfg = QUICK
-    model = train.build_model(cfg, 11, "cpu")
-    opt = train.make_optimizer(model, optimizer, 1e-2, 0 if optimizer == "paged_adamw" else None)
-    data = torch.arange(3000) % 11
+def fine_tune_steps(folder, method, dropout, crash_at=None, resume=False):
+    """train.py's fine-tuning path (prepare, optimizer, loop with checkpoints) on a tiny base: 12
+    steps, checkpoints every 5; `crash_at` raises after that step, as a kill would stop it."""
+    cfg = dataclasses.replace(QUICK, finetune_steps=12, checkpoint_every=5)
+    opts = train.method_options(method, train.build_parser().parse_args(
+        [] if method == "full" else ["--dropout", str(dropout)]))
+    model = train.prepare(method, train.build_model(cfg, 11, "cpu"), opts, cfg.seed)
+    optimizer = train.make_optimizer(model, opts["optimizer"], opts["lr"], opts["budget"])
 
     def callback(step):
         if step == crash_at:
             raise Crash
 
-    train.train_loop(model, opt, data, cfg, 25, 1e-2, 5, str(tmp_path / "run.pt"), "test", resume,
-                     "cpu", callback)
+    identity = dict(method=method, options=opts, train_config=dataclasses.asdict(cfg))
+    train.train_loop(model, optimizer, torch.arange(3000) % 11, cfg, cfg.finetune_steps, opts["lr"],
+                     0, str(folder / "ckpt.pt"), identity, resume, "cpu", method, callback)
     return model
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw"])
-def test_resumed_run_reaches_the_same_weights_bit_for_bit(tmp_path, optimizer):
-    straight = run_steps(tmp_path / "a", optimizer=optimizer)
-    with pytest.raises(Crash):  # checkpoints every 10 steps: the crash at 17 loses 7 steps
-        run_steps(tmp_path / "b", crash_at=17, optimizer=optimizer)
-    assert torch.load(tmp_path / "b" / "run.pt", weights_only=True)["step"] == 10
-    resumed = run_steps(tmp_path / "b", resume=True, optimizer=optimizer)
+RESUME_CASES = [(m, d) for m in train.METHODS for d in (0.0, 0.3) if not (m == "full" and d)]
+
+
+@pytest.mark.parametrize("method,dropout", RESUME_CASES)
+def test_resumed_run_reaches_the_same_weights_bit_for_bit(tmp_path, method, dropout):
+    straight = fine_tune_steps(tmp_path / "a", method, dropout)
+    torch.manual_seed(12345)  # whatever the process drew since: the checkpoint restores its own
+    with pytest.raises(Crash):  # checkpoints at 5 and 10: the crash at 8 loses 3 steps
+        fine_tune_steps(tmp_path / "b", method, dropout, crash_at=8)
+    assert sample.read_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 5
+    resumed = fine_tune_steps(tmp_path / "b", method, dropout, resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_main_quick_runs_every_method_and_writes_adapters(tmp_path, capsys):
-    rows = train.main(["--quick", "--out", str(tmp_path)])
-    assert [r["method"] for r in rows] == list(train.METHODS)
-    table = capsys.readouterr().out
-    for method in train.METHODS:
-        assert method in table
-        assert os.path.getsize(tmp_path / f"adapter-{method}.pt") > 0
-    by = {r["method"]: r for r in rows}
-    cfg = QUICK
-    C, L = cfg.n_embd, cfg.n_layer
-    per_block = 4 * (C + C) + (C + 4 * C) + (4 * C + C)  # q,k,v,o + up + down: sum of in + out
-    assert by["lora"]["trainable"] == 8 * per_block * L
-    assert by["dora"]["trainable"] == 8 * per_block * L + L * (4 * C + C + 4 * C)  # + out per layer
-    r_vera = train.METHOD_DEFAULTS["vera"]["rank"]
-    assert by["vera"]["trainable"] == L * 6 * r_vera + L * (4 * C + C + 4 * C)  # Σ (r + out) over layers
-    assert by["full"]["trainable_fraction"] == 1.0
-    assert by["lora"]["adapter_bytes"] < by["full"]["adapter_bytes"]
-    # The cached base model is reused by a second run with the same config and seed.
-    train.main(["--quick", "--out", str(tmp_path), "--method", "lora"])
-    assert "reusing the pretrained base model" in capsys.readouterr().err
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "vera"])
+def test_dropout_reaches_every_adapter(method):
+    args = train.build_parser().parse_args(["--dropout", "0.5"])
+    model = train.prepare(method, train.build_model(QUICK, 11, "cpu"),
+                          train.method_options(method, args), 0)
+    with torch.no_grad():  # a fresh adapter adds zero whatever its input: make it add something
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.arange(QUICK.block_size)[None] % 11
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])  # two dropout masks, two outputs
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
 
 
-def test_qlora_with_half_the_state_as_budget_pages_and_gives_the_same_weights(tmp_path):
-    out = str(tmp_path)
-    [free] = train.main(["--quick", "--out", out, "--method", "qlora"])
-    unpaged = torch.load(tmp_path / "adapter-qlora.pt", weights_only=True)
-    assert free["paging"]["page_outs"] == 0  # no budget: nothing ever leaves the device
-    half = free["trainable"] * 4 * 2 // 2  # float32 exp_avg and exp_avg_sq: 8 bytes a parameter
-    [paged] = train.main(["--quick", "--out", out, "--method", "qlora", "--budget", str(half)])
-    assert paged["paging"]["page_outs"] > 0 and paged["paging"]["page_ins"] > 0
-    assert paged["paging"]["peak_resident_bytes"] <= max(half, 0) + max(
-        p.numel() for p in unpaged.values()) * 8  # the rule: budget, or one parameter's state if larger
-    again = torch.load(tmp_path / "adapter-qlora.pt", weights_only=True)
-    assert unpaged.keys() == again.keys()
-    for key in unpaged:
-        assert torch.equal(unpaged[key], again[key]), key
-    assert json_rows(tmp_path)[0]["method"] == "qlora"
+def test_a_non_finite_loss_or_gradient_stops_the_loop_naming_the_step():
+    model = train.build_model(QUICK, 11, "cpu")
+    x = torch.arange(QUICK.block_size)[None] % 11
+    _, loss = model(x, x)
+    loss.backward()
+    train.check_finite(model, loss, "lora", 3, 1e-2)  # finite: nothing happens
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.raises(train.TrainingDiverged, match="gradient is not finite at step 3"):
+        train.check_finite(model, loss, "lora", 3, 1e-2)
+    with pytest.raises(train.TrainingDiverged, match="loss is not finite at step 7 .*--lr"):
+        train.check_finite(model, torch.tensor(float("inf")), "lora", 7, 1e30)
 
 
-def json_rows(path):
-    import json
-    with open(path / "results.json") as f:
-        return json.load(f)
-
-
-def test_resume_from_a_run_of_another_config_fails_clearly(tmp_path):
-    with pytest.raises(Crash):
-        run_steps(tmp_path, crash_at=12)
-    other = dataclasses.replace(QUICK, batch_size=QUICK.batch_size + 1)
-    model = train.build_model(other, 11, "cpu")
-    opt = train.make_optimizer(model, "adamw", 1e-2, None)
-    with pytest.raises(ValueError, match="cannot resume"):
-        train.train_loop(model, opt, torch.arange(3000) % 11, other, 25, 1e-2, 5,
-                         str(tmp_path / "run.pt"), "test", True, "cpu")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_lr_1e30_exits_1_at_the_first_non_finite_step_and_saves_nothing(tmp_path, capsys, method):
+    folder = copy_of_quick_run(tmp_path, only_base=True)
+    status, err = run_main(["--quick", "--out", folder, "--method", method, "--lr", "1e30"], capsys)
+    line = error_line(err)
+    assert status == 1 and "is not finite at step" in line and "learning rate" in line
+    assert not os.path.exists(os.path.join(folder, sample.weights_name(method)))
 
 
 @pytest.mark.parametrize("optimizer,budget", [("adamw", None), ("paged_adamw", 0)])
@@ -147,7 +262,177 @@ def test_training_memory_counts_weights_gradients_and_state_wherever_it_lies(opt
     opt.step()
     trainable = adapters.count_trainable(model)
     memory = train.training_memory(model, opt)
-    weights = sum(p.numel() for p in model.parameters()) * 4  # float32, no buffers in a LoRA GPT
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     # budget 0 pages every moment out to the host after the step: it still counts
     assert memory == dict(weights=weights, grads=4 * trainable, optimizer=2 * 4 * trainable,
                           total=weights + 12 * trainable)
+
+
+# --------------------------------------------------------------------------- the run folder
+
+def test_quick_run_writes_each_method_in_peft_format_and_a_run_file():
+    folder, rows, printed = quick_run()
+    assert [r["method"] for r in rows] == list(train.METHODS)
+    for method in train.METHODS:
+        assert method in printed
+        path = os.path.join(folder, sample.weights_name(method))
+        if method != "full":
+            assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                assert json.load(f)["peft_type"] == ("VERA" if method == "vera" else "LORA")
+        assert rows[train.METHODS.index(method)]["adapter_bytes"] == sample.path_bytes(path)
+    state, _ = safetensors_io.load_file(os.path.join(folder, "full.safetensors"))
+    trained = sample.read_checkpoint(os.path.join(folder, "finetune-full.pt"))["model"]
+    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
+    run = sample.read_json(os.path.join(folder, "run.json"))
+    assert set(run) == {"base", *train.METHODS}
+    assert run["lora"]["options"]["rank"] == 8 and run["qlora"]["options"]["quantization"] == \
+        train.QUANTIZATION
+    assert sample.read_json(os.path.join(folder, "results.json")) == json.loads(json.dumps(rows))
+    by = {r["method"]: r for r in rows}
+    C, L = QUICK.n_embd, QUICK.n_layer
+    per_block = 4 * (C + C) + (C + 4 * C) + (4 * C + C)  # q,k,v,o + up + down: sum of in + out
+    assert by["lora"]["trainable"] == 8 * per_block * L
+    assert by["dora"]["trainable"] == 8 * per_block * L + L * (4 * C + C + 4 * C)  # + out each
+    r_vera = train.METHOD_DEFAULTS["vera"]["rank"]
+    assert by["vera"]["trainable"] == L * 6 * r_vera + L * (4 * C + C + 4 * C)  # Σ (r + out)
+    assert by["full"]["trainable_fraction"] == 1.0
+    assert by["lora"]["adapter_bytes"] < by["full"]["adapter_bytes"]
+
+
+def test_a_rerun_replaces_its_own_row_and_keeps_the_others(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path)
+    before = sample.read_json(os.path.join(folder, "results.json"))
+    status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "3"], capsys)
+    assert status == 0 and "reusing the pretrained base model" in err
+    after = sample.read_json(os.path.join(folder, "results.json"))
+    assert [r["method"] for r in after] == list(train.METHODS)
+    assert after[1:] == before[1:] and after[0] != before[0]  # full's row is the new one
+    assert set(sample.read_json(os.path.join(folder, "run.json"))) == {"base", *train.METHODS}
+
+
+def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path, only_base=True)
+    os.makedirs(os.path.join(folder, "adapter-lora"))
+    stale = [os.path.join(folder, ".tmp-abc123.pt"), os.path.join(folder, "adapter-lora", ".tmp-x")]
+    for path in stale:
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+    status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
+    assert status == 0 and not any(os.path.exists(path) for path in stale)
+    assert "left by an interrupted save" in err
+
+
+def test_a_corrupt_pretraining_cache_is_set_aside_and_built_again(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path, only_base=True)
+    [name] = os.listdir(folder)
+    original = sample.read_checkpoint(os.path.join(folder, name))["model"]
+    flip_byte(os.path.join(folder, name))
+    status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
+    assert status == 0 and f"{name} does not match its SHA-256" in err and "set aside" in err
+    assert os.path.exists(os.path.join(folder, name + ".corrupt"))
+    rebuilt = sample.read_checkpoint(os.path.join(folder, name))["model"]
+    assert all(torch.equal(original[key], rebuilt[key]) for key in original)  # same seed, same bits
+
+
+# ------------------------------------------------------------------------------------- resume
+
+def test_resume_refuses_other_options_naming_each_with_both_values(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path)
+    argv = ["--quick", "--out", folder, "--resume", "--method", "lora"]
+    status, err = run_main(argv + ["--alpha", "32", "--dropout", "0.1", "--rslora"], capsys)
+    line = error_line(err)
+    assert status == 1 and "finetune-lora.pt" in line
+    for named in ("alpha 16.0 there, 32.0 here", "dropout 0.0 there, 0.1 here",
+                  "rslora False there, True here"):
+        assert named in line
+    status, err = run_main(argv + ["--steps", "12"], capsys)
+    assert status == 1 and "finetune_steps 10 there, 12 here" in error_line(err)
+    status, err = run_main(argv[:-1] + ["qlora", "--budget", "64"], capsys)
+    assert status == 1 and "budget None there, 64 here" in error_line(err)
+    status, err = run_main(argv + ["--targets", "q_proj,v_proj"], capsys)
+    assert status == 1 and "targets 'all-linear' there, ('q_proj', 'v_proj') here" in err
+
+
+def test_resume_refuses_a_checkpoint_of_another_method_and_damaged_ones(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path)
+    checkpoint = os.path.join(folder, "finetune-dora.pt")
+    argv = ["--quick", "--out", folder, "--resume", "--method", "dora"]
+    shutil.copy(os.path.join(folder, "finetune-lora.pt"), checkpoint)
+    status, err = run_main(argv, capsys)
+    assert status == 1 and "method 'lora' there, 'dora' here" in error_line(err)
+    for damage in (flip_byte, lambda path: open(path, "wb").close()):
+        shutil.copy(os.path.join(quick_run()[0], "finetune-dora.pt"), checkpoint)
+        damage(checkpoint)
+        status, err = run_main(argv, capsys)
+        line = error_line(err)
+        assert status == 1 and "finetune-dora.pt" in line and "delete it" in line
+    os.remove(checkpoint)  # gone: --resume starts the method over
+    assert run_main(argv, capsys)[0] == 0
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path)
+    before = safetensors_io.load_file(os.path.join(folder, "adapter-vera",
+                                                   "adapter_model.safetensors"))[0]
+    [row] = train.main(["--quick", "--out", folder, "--resume", "--method", "vera"])
+    assert row["ms_per_step"] is None  # no step left to run
+    after = safetensors_io.load_file(os.path.join(folder, "adapter-vera",
+                                                  "adapter_model.safetensors"))[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_qlora_with_half_the_state_as_budget_pages_and_gives_the_same_weights(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path, only_base=True)
+    tensors = os.path.join(folder, "adapter-qlora", "adapter_model.safetensors")
+    [free] = train.main(["--quick", "--out", folder, "--method", "qlora"])
+    unpaged = safetensors_io.load_file(tensors)[0]
+    assert free["paging"]["page_outs"] == 0  # no budget: nothing ever leaves the device
+    half = free["trainable"] * 4 * 2 // 2  # float32 exp_avg and exp_avg_sq: 8 bytes a parameter
+    [paged] = train.main(["--quick", "--out", folder, "--method", "qlora", "--budget", str(half)])
+    assert paged["paging"]["page_outs"] > 0 and paged["paging"]["page_ins"] > 0
+    assert paged["paging"]["peak_resident_bytes"] <= half + max(
+        p.numel() for p in unpaged.values()) * 8  # the rule: budget, or one parameter's state
+    again = safetensors_io.load_file(tensors)[0]
+    assert unpaged.keys() == again.keys()
+    assert all(torch.equal(unpaged[key], again[key]) for key in unpaged)
+
+
+# ------------------------------------------------------------------------------- command line
+
+BAD_FLAGS = [
+    (["--rank", "0"], "--rank"), (["--rank", "1.5"], "--rank"), (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--lr", "1e400"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--alpha", "-1"], "--alpha"), (["--dropout", "1.0"], "--dropout"),
+    (["--dropout", "nan"], "--dropout"), (["--steps", "-1"], "--steps"),
+    (["--steps", "0"], "--steps"),
+    (["--pretrain-steps", "0"], "--pretrain-steps"), (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--budget", "-5"], "--budget"), (["--out", ""], "--out"),
+    (["--method", "lora", "--targets", ""], "targets"),
+    (["--method", "dora", "--targets", "q_proj,,v_proj"], "targets"),
+    (["--method", "vera", "--targets", "attn"], "targets"),
+    (["--method", "qlora", "--targets", "nothing_here"], "targets"),
+    (["--method", "nope"], "--method"), (["--method", "lora,lora"], "--method"),
+    (["--device", "tpu"], "--device"), (["--optimizer", "sgd"], "--optimizer"),
+    (["--method", "full", "--rank", "4"], "--rank"),
+    (["--method", "vera", "--alpha", "8"], "--alpha"),
+    (["--method", "full", "--targets", "q_proj"], "--targets"),
+    (["--method", "full", "--dropout", "0.1"], "--dropout"),
+    (["--method", "vera", "--rslora"], "--rslora"),
+    (["--method", "lora", "--budget", "9"], "--budget"),
+    (["--bogus"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_FLAGS)
+def test_every_bad_flag_is_one_line_naming_it_with_exit_status_2(tmp_path, capsys, argv, flag):
+    status, err = run_main(["--quick", "--out", str(tmp_path)] + argv, capsys)
+    line = one_line(err)
+    assert status == 2 and line.startswith("train.py: ") and flag in line
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_out_naming_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    status, err = run_main(["--quick", "--out", str(tmp_path / "a_file")], capsys)
+    assert status == 2 and "--out" in one_line(err) and "a file" in err
