@@ -1,15 +1,17 @@
-"""Tests for qlora.py: NF4Linear against nn.Linear and float64, QLoRA against LoRA on the dequantized
-base, state dicts, dtype casts, training with PagedAdamW, merging, storage, memory and bad inputs.
+"""Tests for qlora.py: NF4Linear against nn.Linear and float64, QLoRA against LoRA on the
+dequantized base, the equations written out, the input gradient by hand, state dicts, dtype casts,
+training with PagedAdamW, merging, storage, memory and bad inputs.
 
-Oracles: `nn.Linear` holding the dequantized weight (bit for bit in float32 compute: the same matmul on
-the same numbers), plain autograd through the dense weight (for the hand-written backward), LoRA on an
-`nn.Linear` base (for QLoRA), and float64 references with stated tolerances elsewhere. The dequantized
-weight in the references is `nf4.dequantize_nf4(nf4.quantize_nf4(W))`, not read from the layer.
+Oracles: `nn.Linear` holding the dequantized weight (bit for bit in float32 compute: the same matmul
+on the same numbers), plain autograd through the dense weight (for the hand-written backward), LoRA
+on an `nn.Linear` base (for QLoRA), and float64 references with stated tolerances elsewhere. The
+dequantized weight in the references is `nf4.dequantize_nf4(nf4.quantize_nf4(W))`, not read from
+the layer.
 
-Tolerances against a float64 reference are absolute, TOL · scale, where `scale` is the largest sum of
-absolute terms (|x| |W|^T + |b|): a sum of n products computed in floating point errs by at most about
-that much times the unit roundoff (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1).
-CUDA variants run where a GPU exists (parametrized `device`) and skip cleanly where not.
+Tolerances against a float64 reference are absolute, TOL · scale, where `scale` is the largest sum
+of absolute terms (|x| |W|^T + |b|): a sum of n products computed in floating point errs by at most
+about that much times the unit roundoff (Higham, "Accuracy and Stability of Numerical Algorithms",
+3.1). CUDA variants run where a GPU exists (parametrized `device`) and skip cleanly where not.
 """
 from __future__ import annotations
 
@@ -39,25 +41,30 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # Unit roundoff u = 2^-p of each dtype (p: bits of significand precision).
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
                  torch.float64: 2.0 ** -53}
-# Products are accumulated in float32 for every compute dtype but float64. With at most 150 terms the
-# worst case is 150u = 9e-6, the usual random-walk growth sqrt(150)u = 7e-7; 2e-6 covers what occurs.
-ACCUMULATION_TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+# Products are accumulated in float32 for every compute dtype but float64. With at most 150 terms
+# the worst case is 150u = 9e-6, the usual random-walk growth sqrt(150)u = 7e-7; 2e-6 covers what
+# occurs.
+ACCUMULATION_TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-6,
+                    torch.bfloat16: 2e-6}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def float32_accumulation_on_cuda():
-    """The tolerances assume 16-bit products are summed in float32; cuBLAS may otherwise reduce split
-    sums in 16 bits (torch's default allows it). No effect on the CPU."""
+    """The tolerances assume 16-bit products are summed in float32; cuBLAS may otherwise reduce
+    split sums in 16 bits (torch's default allows it). No effect on the CPU."""
     matmul = torch.backends.cuda.matmul
-    saved = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
-    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
+    flags = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = [getattr(matmul, flag) for flag in flags]
+    for flag in flags:
+        setattr(matmul, flag, False)
     yield
-    matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+    for flag, value in zip(flags, saved):
+        setattr(matmul, flag, value)
 
 
 def deterministic_attention(device):
-    """On CUDA the math attention kernel: the fused kernels' backward may accumulate with atomics, which
-    is not bit-reproducible, and the model-level tests compare two runs bit for bit."""
+    """On CUDA the math attention kernel: the fused kernels' backward may accumulate with atomics,
+    which is not bit-reproducible, and the model-level tests compare two runs bit for bit."""
     if device != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,7 +73,8 @@ def deterministic_attention(device):
 
 def tol(compute_dtype, x_dtype) -> float:
     """x and W rounded to the compute dtype (2u), the result rounded to it (u) and to x's dtype."""
-    return 3 * UNIT_ROUNDOFF[compute_dtype] + UNIT_ROUNDOFF[x_dtype] + ACCUMULATION_TOL[compute_dtype]
+    u = UNIT_ROUNDOFF[compute_dtype]
+    return 3 * u + UNIT_ROUNDOFF[x_dtype] + ACCUMULATION_TOL[compute_dtype]
 
 
 def make_linear(in_features, out_features, bias, seed, device="cpu") -> nn.Linear:
@@ -81,12 +89,13 @@ def make_linear(in_features, out_features, bias, seed, device="cpu") -> nn.Linea
 
 def dequantized_reference(linear, blocksize, double_quant) -> torch.Tensor:
     """The float32 weight the layer should compute with, straight from nf4."""
-    return nf4.dequantize_nf4(nf4.quantize_nf4(linear.weight.detach(), blocksize, double_quant), torch.float32)
+    q = nf4.quantize_nf4(linear.weight.detach(), blocksize, double_quant)
+    return nf4.dequantize_nf4(q, torch.float32)
 
 
 def storage(layer: qlora.NF4Linear) -> dict:
-    return {name: getattr(layer, name).clone() for name in ("packed", "absmax", "nested_absmax", "offset",
-                                                             "nf4_format") if hasattr(layer, name)}
+    names = ("packed", "absmax", "nested_absmax", "offset", "nf4_format")
+    return {name: getattr(layer, name).clone() for name in names if hasattr(layer, name)}
 
 
 def reference(f, *tensors):
@@ -106,29 +115,30 @@ layer_shapes = dict(
 )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # NF4Linear on its own.
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**layer_shapes)
-def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, out_features, blocksize,
-                                                         double_quant, bias, lead, seed):
+def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, out_features,
+                                                         blocksize, double_quant, bias, lead, seed):
     """float32 compute: output and input gradient bit for bit those of nn.Linear(dequantized W)."""
     linear = make_linear(in_features, out_features, bias, seed, device)
-    layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype=torch.float32)
+    layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, torch.float32)
     W = dequantized_reference(linear, blocksize, double_quant)
     assert torch.equal(layer.dequantized_weight(), W)
     dense = copy.deepcopy(linear)
     with torch.no_grad():
         dense.weight.copy_(W)
-    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, expected = layer(x1), dense(x2)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, in_features, generator=g).to(device)
+    x_ours, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, expected = layer(x_ours), dense(x_dense)
     assert y.dtype == torch.float32 and torch.equal(y, expected)
-    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
-    y.backward(g)
-    expected.backward(g)
-    assert torch.equal(x1.grad, x2.grad)
+    grad_y = torch.randn(expected.shape, generator=g).to(device)
+    y.backward(grad_y)
+    expected.backward(grad_y)
+    assert torch.equal(x_ours.grad, x_dense.grad)
     assert all(not t.requires_grad and t.grad is None for t in layer.buffers())
     assert not [n for n, p in layer.named_parameters() if p.requires_grad]  # frozen, bias included
 
@@ -137,57 +147,63 @@ def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, ou
 @given(**layer_shapes, compute_dtype=st.sampled_from(COMPUTE_DTYPES),
        x_dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
 def test_forward_and_input_gradient_against_float64(device, in_features, out_features, blocksize,
-                                                    double_quant, bias, lead, seed, compute_dtype, x_dtype):
+                                                    double_quant, bias, lead, seed, compute_dtype,
+                                                    x_dtype):
     """y = x W^T + b computed in the compute dtype and returned in x's dtype; dL/dx = dL/dy W."""
     linear = make_linear(in_features, out_features, bias, seed, device)
     layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
     W = dequantized_reference(linear, blocksize, double_quant)
     b = linear.bias if bias else torch.zeros(out_features, device=device)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(*lead, in_features, generator=g, dtype=torch.float64).to(device, x_dtype).requires_grad_()
+    x = torch.randn(*lead, in_features, generator=g, dtype=torch.float64)
+    x = x.to(device, x_dtype).requires_grad_()
     y = layer(x)
     assert y.dtype == x_dtype and y.shape == (*lead, out_features)
     assert layer.dequantized_weight().dtype == compute_dtype
     exact, scale = reference(lambda x, W, b: x @ W.T + b, x, W, b)
-    torch.testing.assert_close(y.double(), exact, rtol=0.0, atol=tol(compute_dtype, x_dtype) * scale)
+    atol = tol(compute_dtype, x_dtype)
+    torch.testing.assert_close(y.double(), exact, rtol=0.0, atol=atol * scale)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device, x_dtype)
     y.backward(grad_y)
     exact, scale = reference(lambda g, W: g @ W, grad_y, W)
     assert x.grad.dtype == x_dtype
-    torch.testing.assert_close(x.grad.double(), exact, rtol=0.0, atol=tol(compute_dtype, x_dtype) * scale)
+    torch.testing.assert_close(x.grad.double(), exact, rtol=0.0, atol=atol * scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**layer_shapes, compute_dtype=st.sampled_from(COMPUTE_DTYPES))
 def test_hand_written_backward_equals_autograd_through_the_dense_weight(
-        device, in_features, out_features, blocksize, double_quant, bias, lead, seed, compute_dtype):
-    """The custom autograd Function (W dequantized again in backward) against plain autograd through
-    F.linear on the dequantized weight: output and input gradient bit for bit; the bias gradient
-    (only when a user unfreezes it) up to the summation order of N terms in the compute dtype."""
+        device, in_features, out_features, blocksize, double_quant, bias, lead, seed,
+        compute_dtype):
+    """The custom autograd Function (W dequantized again in backward) against plain autograd
+    through F.linear on the dequantized weight: output and input gradient bit for bit; the bias
+    gradient (only when a user unfreezes it) up to the summation order of N terms in the compute
+    dtype."""
     layer = qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed, device),
                                         blocksize, double_quant, compute_dtype)
     if bias:
         layer.bias.requires_grad_(True)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*lead, in_features, generator=g).to(device)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    bias2 = None if not bias else layer.bias.detach().clone().requires_grad_()
-    y1 = layer(x1)
-    y2 = F.linear(x2.to(compute_dtype), layer.dequantized_weight(),
-                  None if bias2 is None else bias2.to(compute_dtype)).to(x2.dtype)
-    assert torch.equal(y1, y2)
-    grad_y = torch.randn(y1.shape, generator=g).to(device)
-    y1.backward(grad_y)
-    y2.backward(grad_y)
-    assert torch.equal(x1.grad, x2.grad)
+    x_ours, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bias_dense = None if not bias else layer.bias.detach().clone().requires_grad_()
+    y_ours = layer(x_ours)
+    y_dense = F.linear(x_dense.to(compute_dtype), layer.dequantized_weight(),
+                       None if bias_dense is None else bias_dense.to(compute_dtype)).to(x.dtype)
+    assert torch.equal(y_ours, y_dense)
+    grad_y = torch.randn(y_ours.shape, generator=g).to(device)
+    y_ours.backward(grad_y)
+    y_dense.backward(grad_y)
+    assert torch.equal(x_ours.grad, x_dense.grad)
     if bias:
         n_terms = math.prod(lead)  # each bias gradient sums N values, rounded in the compute dtype
-        atol = (n_terms + 1) * UNIT_ROUNDOFF[compute_dtype] * grad_y.abs().sum(dim=tuple(range(len(lead)))).max()
-        torch.testing.assert_close(layer.bias.grad, bias2.grad, rtol=0.0, atol=atol.item())
+        sum_of_terms = grad_y.abs().sum(dim=tuple(range(len(lead)))).max().item()
+        atol = (n_terms + 1) * UNIT_ROUNDOFF[compute_dtype] * sum_of_terms
+        torch.testing.assert_close(layer.bias.grad, bias_dense.grad, rtol=0.0, atol=atol)
 
 
 def test_backward_saves_only_the_4bit_storage():
-    """Nothing of the dense weight's size is kept for backward (autograd through F.linear keeps W)."""
+    """Nothing of the dense weight's size is kept for backward (F.linear's autograd keeps W)."""
     layer = qlora.NF4Linear.from_linear(make_linear(128, 64, True, 0), compute_dtype=torch.float32)
     x = torch.randn(4, 128, requires_grad=True)
 
@@ -206,17 +222,17 @@ def test_backward_saves_only_the_4bit_storage():
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**layer_shapes)
-def test_state_dict_round_trip_restores_the_same_bytes(device, in_features, out_features, blocksize,
-                                                       double_quant, bias, lead, seed):
+def test_state_dict_round_trip_restores_the_same_bytes(device, in_features, out_features,
+                                                       blocksize, double_quant, bias, lead, seed):
     layer = qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed, device),
                                         blocksize, double_quant, compute_dtype=torch.float32)
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True, map_location=device)
-    assert all(isinstance(v, torch.Tensor) for v in state.values())  # tensor-only, safetensors-friendly
-    fresh = qlora.NF4Linear(in_features, out_features, bias, blocksize=blocksize, double_quant=double_quant,
-                            compute_dtype=torch.float32, device=device)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # tensor-only: safetensors
+    fresh = qlora.NF4Linear(in_features, out_features, bias, blocksize=blocksize,
+                            double_quant=double_quant, compute_dtype=torch.float32, device=device)
     fresh.load_state_dict(state)
     for name, tensor in storage(layer).items():
         loaded = getattr(fresh, name)
@@ -230,16 +246,16 @@ def test_state_dict_round_trip_restores_the_same_bytes(device, in_features, out_
 def test_loading_another_layout_fails_clearly():
     layer = qlora.NF4Linear.from_linear(make_linear(128, 32, False, 0), blocksize=64)
     state = layer.state_dict()
-    for other, what in [(dict(blocksize=128), "nf4_format"), (dict(double_quant=False), "nf4_format")]:
+    for other in (dict(blocksize=128), dict(double_quant=False)):
         target = qlora.NF4Linear(128, 32, False, **other)
         kept = storage(target)
-        with pytest.raises(ValueError, match=what):
+        with pytest.raises(ValueError, match="nf4_format"):
             target.load_state_dict(state)
         assert all(torch.equal(kept[k], getattr(target, k)) for k in kept)  # nothing half-loaded
     with pytest.raises(ValueError, match=r"nf4_format.*\[32, 128, 64, 256\]"):
         qlora.NF4Linear(32, 128, False).load_state_dict(state)  # same byte counts, transposed shape
     # Without the format record: a float32 absmax does not slip into uint8 codes.
-    plain = qlora.NF4Linear.from_linear(make_linear(128, 32, False, 0), blocksize=64, double_quant=False)
+    plain = qlora.NF4Linear.from_linear(make_linear(128, 32, False, 0), 64, double_quant=False)
     partial = {k: v for k, v in plain.state_dict().items() if k in ("packed", "absmax")}
     with pytest.raises(ValueError, match="absmax.*torch.float32.*torch.uint8"):
         layer.load_state_dict(partial, strict=False)
@@ -247,8 +263,9 @@ def test_loading_another_layout_fails_clearly():
 
 @pytest.mark.parametrize("cast", ["double", "half", "bfloat16", "to_float64"])
 def test_dtype_casts_move_but_never_cast_the_4bit_storage(cast):
-    """Module casts leave packed codes and float32 statistics as they are (a cast would round them);
-    the bias is cast like any parameter; the compute dtype stays; outputs follow the input's dtype."""
+    """Module casts leave packed codes and float32 statistics as they are (a cast would round
+    them); the bias is cast like any parameter; the compute dtype stays; outputs follow the input's
+    dtype."""
     for double_quant in (True, False):
         linear = make_linear(100, 12, True, 3)
         layer = qlora.NF4Linear.from_linear(linear, 32, double_quant, compute_dtype=torch.float32)
@@ -257,7 +274,8 @@ def test_dtype_casts_move_but_never_cast_the_4bit_storage(cast):
         dtype = {"double": torch.float64, "to_float64": torch.float64, "half": torch.float16,
                  "bfloat16": torch.bfloat16}[cast]
         for name, tensor in before.items():
-            assert getattr(layer, name).dtype == tensor.dtype and torch.equal(getattr(layer, name), tensor)
+            kept = getattr(layer, name)
+            assert kept.dtype == tensor.dtype and torch.equal(kept, tensor), name
         assert layer.bias.dtype == dtype and layer.compute_dtype == torch.float32
         assert torch.equal(layer.dequantized_weight(), W)
         x = torch.randn(5, 100, dtype=torch.float64).to(dtype)
@@ -275,23 +293,72 @@ def test_to_device_moves_every_buffer(device):
     x = torch.randn(3, 64)
     _, scale = reference(lambda x, W, b: x @ W.T + b, x, layer.dequantized_weight(), layer.bias)
     # CPU and GPU GEMMs sum 64 float32 products in other orders
-    torch.testing.assert_close(moved(x.to(device)).cpu(), layer(x), rtol=0.0, atol=ACCUMULATION_TOL[torch.float32] * scale)
+    torch.testing.assert_close(moved(x.to(device)).cpu(), layer(x), rtol=0.0,
+                               atol=ACCUMULATION_TOL[torch.float32] * scale)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The equations written out: eq. 6, eq. 5, and the input gradient by hand.
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_double_dequant_rounds_the_float32_weight_once_into_each_compute_dtype(double_quant):
+    """eq. 6 in a compute dtype is the float32 value code[k] * scale rounded once: the same bits as
+    rounding the float32 weight (float64 holds it exactly)."""
+    q = nf4.quantize_nf4(torch.randn(24, 100, generator=torch.Generator().manual_seed(0)), 32,
+                         double_quant)
+    W32 = qlora.double_dequant(q, torch.float32)
+    assert torch.equal(W32, nf4.dequantize_nf4(q, torch.float32))
+    for compute_dtype in COMPUTE_DTYPES:
+        W = qlora.double_dequant(q, compute_dtype)
+        assert W.dtype == compute_dtype and W.shape == (24, 100)
+        assert torch.equal(W, W32.to(compute_dtype)), compute_dtype
+
+
+@given(**layer_shapes, r=st.integers(1, 6), compute_dtype=st.sampled_from(COMPUTE_DTYPES))
+def test_qlora_linear_is_eq5_as_the_adapted_layer_computes_it(in_features, out_features, blocksize,
+                                                              double_quant, bias, lead, seed, r,
+                                                              compute_dtype):
+    """qlora.qlora_linear (eq. 5 written out) and LoRALinear(NF4Linear) (the adapter term added in
+    place by one BLAS call: another rounding) are each within the compute dtype's rounding of the
+    float64 value of X W^T + b + s (X A^T) B^T."""
+    r = min(r, max(in_features, out_features))
+    linear = make_linear(in_features, out_features, bias, seed)
+    layer = lora.LoRALinear(qlora.NF4Linear.from_linear(linear, blocksize, double_quant,
+                                                        compute_dtype),
+                            r, 2.0 * r, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(out_features, r, generator=g))
+    x = torch.randn(*lead, in_features, generator=g)
+    q = layer.base.quantized_weight
+    ours = qlora.qlora_linear(x, q, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                              compute_dtype)
+    assert ours.dtype == x.dtype and ours.shape == (*lead, out_features)
+    W = dequantized_reference(linear, blocksize, double_quant)
+    b = linear.bias if bias else torch.zeros(out_features)
+    exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + 2.0 * (x @ A.T) @ B.T, x, W, b,
+                             layer.lora_A, layer.lora_B)
+    atol = tol(compute_dtype, torch.float32) * scale
+    torch.testing.assert_close(ours.double(), exact, rtol=0.0, atol=atol)
+    torch.testing.assert_close(layer(x).detach().double(), exact, rtol=0.0, atol=atol)
+
+
+# --------------------------------------------------------------------------------------------------
 # QLoRA equals LoRA on the dequantized base.
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**layer_shapes, r=st.integers(1, 6), compute_dtype=st.sampled_from(COMPUTE_DTYPES[:3]))
-def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, out_features, blocksize,
-                                                         double_quant, bias, lead, seed, r, compute_dtype):
-    """float32 compute: outputs and gradients (x, A, B) bit for bit LoRA's on nn.Linear(dequantized W);
-    other compute dtypes: within the base's rounding of the float64 value of the same formula."""
+def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, out_features,
+                                                         blocksize, double_quant, bias, lead, seed,
+                                                         r, compute_dtype):
+    """float32 compute: outputs and gradients (x, A, B) bit for bit LoRA's on
+    nn.Linear(dequantized W); other compute dtypes: within the base's rounding of the float64 value
+    of the same formula."""
     r = min(r, max(in_features, out_features))  # adapters refuse a rank above both widths
     linear = make_linear(in_features, out_features, bias, seed, device)
     W = dequantized_reference(linear, blocksize, double_quant)
-    qlayer = lora.LoRALinear(qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype),
-                             r, 4.0, generator=torch.Generator().manual_seed(seed))
+    base = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
+    qlayer = lora.LoRALinear(base, r, 4.0, generator=torch.Generator().manual_seed(seed))
     dense = copy.deepcopy(linear)
     with torch.no_grad():
         dense.weight.copy_(W)
@@ -303,29 +370,33 @@ def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, ou
         layer.lora_B.copy_(B)
     assert qlayer.lora_A.dtype == torch.float32 and torch.equal(qlayer.lora_A, layer.lora_A)
     x = torch.randn(*lead, in_features, generator=g).to(device)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = qlayer(x1), layer(x2)
-    grad_y = torch.randn(y1.shape, generator=g).to(device)
-    y1.backward(grad_y)
-    y2.backward(grad_y)
-    pairs = [(y1, y2), (x1.grad, x2.grad), (qlayer.lora_A.grad, layer.lora_A.grad),
-             (qlayer.lora_B.grad, layer.lora_B.grad)]
+    x_qlora, x_lora = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_qlora, y_lora = qlayer(x_qlora), layer(x_lora)
+    grad_y = torch.randn(y_qlora.shape, generator=g).to(device)
+    y_qlora.backward(grad_y)
+    y_lora.backward(grad_y)
+    pairs = [(y_qlora, y_lora), (x_qlora.grad, x_lora.grad),
+             (qlayer.lora_A.grad, layer.lora_A.grad), (qlayer.lora_B.grad, layer.lora_B.grad)]
     if compute_dtype == torch.float32:
         for ours, theirs in pairs:
             assert torch.equal(ours, theirs)
         return
     b = linear.bias if bias else torch.zeros(out_features, device=device)
     s = qlayer.scaling
-    exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + s * (x @ A.T) @ B.T, x, W, b, layer.lora_A, B)
-    torch.testing.assert_close(y1.double(), exact, rtol=0.0, atol=tol(compute_dtype, torch.float32) * scale)
+    atol = tol(compute_dtype, torch.float32)
+    exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + s * (x @ A.T) @ B.T, x, W, b,
+                             layer.lora_A, B)
+    torch.testing.assert_close(y_qlora.double(), exact, rtol=0.0, atol=atol * scale)
     exact, scale = reference(lambda g, W, A, B: g @ W + s * (g @ B) @ A, grad_y, W, layer.lora_A, B)
-    torch.testing.assert_close(x1.grad.double(), exact, rtol=0.0, atol=tol(compute_dtype, torch.float32) * scale)
+    torch.testing.assert_close(x_qlora.grad.double(), exact, rtol=0.0, atol=atol * scale)
     # dL/dA and dL/dB depend on x and dL/dy only, not on W: they equal LoRA's bit for bit.
-    assert torch.equal(qlayer.lora_A.grad, layer.lora_A.grad) and torch.equal(qlayer.lora_B.grad, layer.lora_B.grad)
+    assert torch.equal(qlayer.lora_A.grad, layer.lora_A.grad)
+    assert torch.equal(qlayer.lora_B.grad, layer.lora_B.grad)
 
 
 def make_gpt(seed=0, n_layer=2, n_embd=32, vocab_size=13):
-    config = GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=n_layer, n_head=2, n_embd=n_embd)
+    config = GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=n_layer, n_head=2,
+                       n_embd=n_embd)
     return GPT(config, generator=torch.Generator().manual_seed(seed))
 
 
@@ -344,8 +415,8 @@ def dequantized_twin(qmodel: nn.Module, base: nn.Module) -> nn.Module:
 
 
 def nf4_buffers(model):
-    return {f"{n}.{b}": t.clone() for n, m in model.named_modules() if isinstance(m, qlora.NF4Linear)
-            for b, t in m.named_buffers(recurse=False)}
+    return {f"{n}.{b}": t.clone() for n, m in model.named_modules()
+            if isinstance(m, qlora.NF4Linear) for b, t in m.named_buffers(recurse=False)}
 
 
 def randomize_adapters(model, seed):
@@ -358,17 +429,17 @@ def randomize_adapters(model, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
-    """Tiny GPT, float32 compute: logits, loss and every adapter gradient equal LoRA's on the dequantized
-    model bit for bit, and so do the adapters after PagedAdamW steps (budget 0: state paged out after
-    every step). The 4-bit buffers never change and never receive a gradient."""
+    """Tiny GPT, float32 compute: logits, loss and every adapter gradient equal LoRA's on the
+    dequantized model bit for bit, and so do the adapters after PagedAdamW steps (budget 0: state
+    paged out after every step). The 4-bit buffers never change and never receive a gradient."""
     base = make_gpt(seed).to(device)
     qmodel = qlora.quantize_model(copy.deepcopy(base), compute_dtype=torch.float32)
     twin = dequantized_twin(qmodel, base)
     models = [lora.apply_lora(m, r=4, alpha=8.0, seed=seed) for m in (qmodel, twin)]
-    optimizers = [PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0,
-                             device_budget_bytes=0) for m in models]
+    optimizers = [PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2,
+                             weight_decay=0.0, device_budget_bytes=0) for m in models]
     frozen = nf4_buffers(qmodel)
-    assert len(frozen) == 2 * 6 * 5  # 2 blocks x 6 linears x (packed, absmax, nested, offset, format)
+    assert len(frozen) == 2 * 6 * 5  # 2 blocks, 6 linears, 4 NF4 buffers + nf4_format
     for step in range(3):
         idx = tokens(seed + step).to(device)
         outputs = []
@@ -380,15 +451,18 @@ def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
             outputs.append((logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()
                                            if p.requires_grad}))
             optimizer.step()
-        (l1, loss1, g1), (l2, loss2, g2) = outputs
-        assert torch.equal(l1, l2) and torch.equal(loss1, loss2)
-        assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
-        # equal to the dense twin's, the first block's gradients passed through every later 4-bit layer
-        assert g1["blocks.0.attn.q_proj.lora_B"].abs().sum() > 0
+        (logits_qlora, loss_qlora, grads_qlora), (logits_lora, loss_lora, grads_lora) = outputs
+        assert torch.equal(logits_qlora, logits_lora) and torch.equal(loss_qlora, loss_lora)
+        assert grads_qlora.keys() == grads_lora.keys()
+        assert all(torch.equal(grads_qlora[k], grads_lora[k]) for k in grads_qlora)
+        # equal to the dense twin's, the first block's gradients passed through every later
+        # 4-bit layer
+        assert grads_qlora["blocks.0.attn.q_proj.lora_B"].abs().sum() > 0
     trained = [{n: p for n, p in m.named_parameters() if p.requires_grad} for m in models]
     assert trained[0].keys() == trained[1].keys()
     assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
-    assert all(layer.lora_B.abs().sum() > 0 for layer in adapters.adapter_layers(qmodel).values())  # trained
+    trained_layers = adapters.adapter_layers(qmodel).values()
+    assert all(layer.lora_B.abs().sum() > 0 for layer in trained_layers)
     after = nf4_buffers(qmodel)
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     for module in qmodel.modules():
@@ -401,19 +475,22 @@ def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
 
 
 def test_prepare_qlora_is_the_recipe_and_trains():
-    """NF4 base (bfloat16 compute) in every block linear, LoRA on each, lm_head/embeddings/norms as they
-    were, PagedAdamW over exactly the adapters; a few steps on one batch lower its loss."""
+    """NF4 base (bfloat16 compute) in every block linear, LoRA on each, lm_head/embeddings/norms as
+    they were, PagedAdamW over exactly the adapters; a few steps on one batch lower its loss."""
     base = make_gpt(0)
     reference_model = copy.deepcopy(base)
-    model, optimizer = qlora.prepare_qlora(base, r=4, alpha=8.0, lr=1e-2, seed=0, device_budget_bytes=4096)
-    assert model is base and isinstance(optimizer, PagedAdamW) and optimizer.device_budget_bytes == 4096
+    model, optimizer = qlora.prepare_qlora(base, r=4, alpha=8.0, lr=1e-2, seed=0,
+                                           device_budget_bytes=4096)
+    assert model is base and isinstance(optimizer, PagedAdamW)
+    assert optimizer.device_budget_bytes == 4096
     for block in model.blocks:
         for name in BLOCK_LINEARS:
             layer = getattr(block.attn if name in BLOCK_LINEARS[:4] else block.mlp, name)
             assert isinstance(layer, lora.LoRALinear) and isinstance(layer.base, qlora.NF4Linear)
             assert layer.base.compute_dtype == torch.bfloat16 and layer.base.blocksize == 64
             assert layer.base.double_quant
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, reference_model.lm_head.weight)
+    assert type(model.lm_head) is nn.Linear
+    assert torch.equal(model.lm_head.weight, reference_model.lm_head.weight)
     assert torch.equal(model.tok_emb.weight, reference_model.tok_emb.weight)
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == \
         {id(p) for p in model.parameters() if p.requires_grad}
@@ -432,44 +509,49 @@ def test_prepare_qlora_is_the_recipe_and_trains():
 
 
 def test_qlora_gpt_checkpoint_round_trip():
-    """What train.py's resume does: a QLoRA model's state dict, saved and loaded (weights_only) into a
-    QLoRA model prepared from another base, restores every byte and the logits."""
-    model, _ = qlora.prepare_qlora(make_gpt(0, n_layer=1), r=2, alpha=4.0, compute_dtype=torch.float32, seed=0)
+    """What train.py's resume does: a QLoRA model's state dict, saved and loaded (weights_only) into
+    a QLoRA model prepared from another base, restores every byte and the logits."""
+    options = dict(r=2, alpha=4.0, compute_dtype=torch.float32)
+    model, _ = qlora.prepare_qlora(make_gpt(0, n_layer=1), **options, seed=0)
     randomize_adapters(model, 0)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
-    other, _ = qlora.prepare_qlora(make_gpt(1, n_layer=1), r=2, alpha=4.0, compute_dtype=torch.float32, seed=1)
+    other, _ = qlora.prepare_qlora(make_gpt(1, n_layer=1), **options, seed=1)
     idx = tokens(3)
     assert not torch.equal(other(idx)[0], model(idx)[0])
     other.load_state_dict(torch.load(buffer, weights_only=True))
     saved, loaded = model.state_dict(), other.state_dict()
     assert saved.keys() == loaded.keys()
-    assert all(saved[k].dtype == loaded[k].dtype and torch.equal(saved[k], loaded[k]) for k in saved)
+    assert all(saved[k].dtype == loaded[k].dtype and torch.equal(saved[k], loaded[k])
+               for k in saved)
     assert torch.equal(other(idx)[0], model(idx)[0])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Merging.
 
-# Merged computes x (W + s B A)^T where unmerged adds s (x A^T) B^T: other roundings, propagated through
-# two blocks and the head. Observed at most 3e-7 of max|logit| in float32; 1e-5 leaves room.
+# Merged computes x (W + s B A)^T where unmerged adds s (x A^T) B^T: other roundings, propagated
+# through two blocks and the head. Observed at most 3e-7 of max|logit| in float32; 1e-5 leaves room.
 MODEL_MERGE_TOL = 1e-5
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
     base = make_gpt(seed)
-    model, _ = qlora.prepare_qlora(copy.deepcopy(base), r=4, alpha=8.0, compute_dtype=torch.float32, seed=seed)
+    model, _ = qlora.prepare_qlora(copy.deepcopy(base), r=4, alpha=8.0,
+                                   compute_dtype=torch.float32, seed=seed)
     randomize_adapters(model, seed)
     idx = tokens(seed)
     adapted, _ = model(idx)
     merged = adapters.merge_adapters(model)
-    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
+    assert [(n, type(m)) for n, m in merged.named_modules()] == \
+        [(n, type(m)) for n, m in base.named_modules()]
     assert [(k, v.shape, v.dtype) for k, v in merged.state_dict().items()] == \
         [(k, v.shape, v.dtype) for k, v in base.state_dict().items()]
     out, _ = merged(idx)
-    torch.testing.assert_close(out, adapted, rtol=0.0, atol=MODEL_MERGE_TOL * adapted.abs().max().item())
+    torch.testing.assert_close(out, adapted, rtol=0.0,
+                               atol=MODEL_MERGE_TOL * adapted.abs().max().item())
     assert torch.equal(model(idx)[0], adapted)  # the QLoRA model itself is left as it was
     with pytest.raises(TypeError, match="merge_adapters"):
         model.blocks[0].attn.q_proj.merge()  # no in-place merge into 4-bit storage
@@ -477,21 +559,25 @@ def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
     requantized = qlora.quantize_model(copy.deepcopy(merged), compute_dtype=torch.float32)
     for name, module in requantized.named_modules():
         if isinstance(module, qlora.NF4Linear):
-            assert not torch.equal(module.dequantized_weight(), merged.get_submodule(name).weight), name
+            merged_weight = merged.get_submodule(name).weight
+            assert not torch.equal(module.dequantized_weight(), merged_weight), name
     assert not torch.equal(requantized(idx)[0], out)
 
 
 @given(**layer_shapes, compute_dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features, blocksize, double_quant,
-                                                       bias, lead, seed, compute_dtype):
-    """16-bit compute, merged in it: the merged nn.Linear holds round(W + round(s B A)) in the compute
-    dtype; its output on x in that dtype is within 16-bit rounding of the adapted layer's."""
+def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features, blocksize,
+                                                       double_quant, bias, lead, seed,
+                                                       compute_dtype):
+    """16-bit compute, merged in it: the merged nn.Linear holds round(W + round(s B A)) in the
+    compute dtype; its output on x in that dtype is within 16-bit rounding of the adapted
+    layer's."""
     r = min(3, max(in_features, out_features))  # adapters refuse a rank above both widths
-    layer = lora.LoRALinear(qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed),
-                                                        blocksize, double_quant, compute_dtype), r,
-                            2.0 * r, generator=torch.Generator().manual_seed(seed))
+    base = qlora.NF4Linear.from_linear(make_linear(in_features, out_features, bias, seed),
+                                       blocksize, double_quant, compute_dtype)
+    g = torch.Generator().manual_seed(seed)
+    layer = lora.LoRALinear(base, r, 2.0 * r, generator=g)
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(out_features, r, generator=torch.Generator().manual_seed(seed)))
+        layer.lora_B.copy_(torch.randn(out_features, r, generator=g))
     merged = adapters.merge_adapters(nn.Sequential(layer), dtype=compute_dtype)[0]
     W = layer.base.dequantized_weight()
     assert type(merged) is nn.Linear and merged.weight.dtype == compute_dtype
@@ -499,19 +585,20 @@ def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features
     x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed + 1))
     adapted = layer(x)
     b = layer.base.bias if bias else torch.zeros(out_features)
-    _, scale = reference(lambda x, W, b, A, B: x @ W.T + b + 2.0 * (x @ A.T) @ B.T, x, W, b, layer.lora_A,
-                         layer.lora_B)
+    _, scale = reference(lambda x, W, b, A, B: x @ W.T + b + 2.0 * (x @ A.T) @ B.T, x, W, b,
+                         layer.lora_A, layer.lora_B)
     # adapted is within tol of exact; merged rounds x, s B A, the sum, and the output: 4u more
+    atol = (tol(compute_dtype, torch.float32) + 4 * UNIT_ROUNDOFF[compute_dtype]) * scale
     torch.testing.assert_close(merged(x.to(compute_dtype)).double(), adapted.double(), rtol=0.0,
-                               atol=(tol(compute_dtype, torch.float32) + 4 * UNIT_ROUNDOFF[compute_dtype]) * scale)
+                               atol=atol)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Storage and memory.
 
 def expected_nf4_bytes(n: int, blocksize: int, double_quant: bool) -> int:
-    """Per tensor: n/2 bytes of codes; a float32 absmax per block, or with double quantization a uint8
-    code per block, a float32 nested absmax per 256 blocks and one float32 offset."""
+    """Per tensor: n/2 bytes of codes; a float32 absmax per block, or with double quantization a
+    uint8 code per block, a float32 nested absmax per 256 blocks and one float32 offset."""
     blocks = -(-n // blocksize)
     if not double_quant:
         return -(-n // 2) + 4 * blocks
@@ -521,9 +608,9 @@ def expected_nf4_bytes(n: int, blocksize: int, double_quant: bool) -> int:
 @pytest.mark.parametrize("n_embd", [16, 32, 64, 128])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bits_per_parameter_for_the_tiny_gpt_shapes(n_embd, double_quant):
-    """4.5 bits without double quantization; with it 4 + 8/64 + 32/(64·256) = 4.127 for a large tensor,
-    plus 32/n for each tensor's float32 offset, plus the unused part of a partial nested block when the
-    64 n_embd² / 64 blocks of a layer are not a multiple of 256 (n_embd < 128)."""
+    """4.5 bits without double quantization; with it 4 + 8/64 + 32/(64·256) = 4.127 for a large
+    tensor, plus 32/n for each tensor's float32 offset, plus the unused part of a partial nested
+    block when the 64 n_embd² / 64 blocks of a layer are not a multiple of 256 (n_embd < 128)."""
     model = qlora.quantize_model(make_gpt(0, n_layer=1, n_embd=n_embd), double_quant=double_quant)
     layers = [m for m in model.modules() if isinstance(m, qlora.NF4Linear)]
     assert len(layers) == 6
@@ -546,7 +633,8 @@ def test_bits_per_parameter_for_the_tiny_gpt_shapes(n_embd, double_quant):
 
 
 def test_memory_report_counts_every_byte():
-    """One block of the default width (128): every figure from shapes, and the total equals the bytes
+    """One block of the default width (128): every figure from shapes, and the total equals the
+    bytes
     of all parameters, buffers, gradients and optimizer moments."""
     C, r, V = 128, 8, 13
     model, optimizer = qlora.prepare_qlora(make_gpt(0, n_layer=1, n_embd=C, vocab_size=V), r=r,
@@ -560,28 +648,41 @@ def test_memory_report_counts_every_byte():
     n = 12 * C * C  # q, k, v, o: C², up and down: 4 C²
     adapter_bytes = 4 * r * (4 * 2 * C + 2 * 5 * C)  # float32 A and B, r·(in + out) per layer
     assert report["nf4_weights"] == n // 2
-    assert report["nf4_statistics"] == (4 * (256 + 4 + 4) + 2 * (1024 + 16 + 4))  # codes, nested, offset
+    # codes, nested absmax, offset: 4 layers of C² weights, 2 of 4 C²
+    assert report["nf4_statistics"] == (4 * (256 + 4 + 4) + 2 * (1024 + 16 + 4))
     assert report["adapters"] == adapter_bytes and report["gradients"] == adapter_bytes
     assert report["optimizer_state"] == 2 * adapter_bytes == report["optimizer_state_on_device"]
     # tok_emb, pos_emb (block_size 16), 3 norms (weight, bias), biases of q k v o up down, lm_head
     dense_other = 4 * (V * C + 16 * C + 3 * 2 * C + (4 * C + 4 * C + C) + V * C)
     # + the 16-byte nf4_format records + the adapter layers' own buffers (bookkeeping such as a
     # merged flag, not adapter weights)
-    bookkeeping = 6 * 16 + sum(t.numel() * t.element_size() for layer in adapters.adapter_layers(model).values()
+    bookkeeping = 6 * 16 + sum(t.nbytes for layer in adapters.adapter_layers(model).values()
                                for t in layer.buffers(recurse=False))
     assert report["other_weights"] == dense_other + bookkeeping
-    everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    assert report["total"] == everything + adapter_bytes + 2 * adapter_bytes  # + gradients + two moments
+    everything = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+    # + gradients + two moments
+    assert report["total"] == everything + adapter_bytes + 2 * adapter_bytes
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
         dense = qlora.dense_weight_bytes(model, dtype)
         assert dense["quantized_layers"] == size * n
         assert dense["base_model"] == size * (n + dense_other // 4)
-    ratio = (report["nf4_weights"] + report["nf4_statistics"]) / qlora.dense_weight_bytes(model, torch.float32)[
-        "quantized_layers"]
+    dense_bytes = qlora.dense_weight_bytes(model, torch.float32)["quantized_layers"]
+    ratio = (report["nf4_weights"] + report["nf4_statistics"]) / dense_bytes
     assert ratio == report["bits_per_parameter"] / 32 and abs(ratio - 4.127 / 32) < 0.001 / 32
 
 
-# ---------------------------------------------------------------------------------------------------
+def test_qlora_py_keeps_the_reading_limits():
+    """Issue 13: a library module is at most 350 lines, and no line here or there is over 100
+    characters."""
+    for path, max_lines in ((qlora.__file__, 350), (__file__, None)):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        assert max_lines is None or len(lines) <= max_lines, (path, len(lines))
+        too_long = [number for number, line in enumerate(lines, 1) if len(line) > 100]
+        assert not too_long, (path, too_long)
+
+
+# --------------------------------------------------------------------------------------------------
 # Bad inputs.
 
 def test_bad_inputs_raise_clear_errors():
@@ -603,7 +704,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="double_quant"):
         qlora.quantize_model(model, double_quant="yes")
     # a failed call leaves the model untouched
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
     assert not any(isinstance(m, qlora.NF4Linear) for m in model.modules())
     qlora.quantize_model(model)
     with pytest.raises(TypeError, match="already quantized"):
@@ -629,7 +731,7 @@ def test_bad_inputs_raise_clear_errors():
         qlora.NF4Linear.from_linear(poisoned)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Non-finite values and bad options (issue 17): refused where they enter, naming the tensor.
 
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
@@ -637,7 +739,8 @@ NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 @pytest.mark.parametrize("value", NON_FINITE)
 def test_from_linear_refuses_a_non_finite_bias(value):
-    """A NaN weight is refused by the quantizer; a NaN bias would pass unquantized into every output."""
+    """A NaN weight is refused by the quantizer; a NaN bias would pass unquantized into every
+    output."""
     poisoned = make_linear(64, 4, True, 0)
     with torch.no_grad():
         poisoned.bias[2] = value
@@ -648,7 +751,8 @@ def test_from_linear_refuses_a_non_finite_bias(value):
 @pytest.mark.parametrize("value", NON_FINITE)
 @pytest.mark.parametrize("double_quant, name", [(True, "offset"), (True, "nested_absmax"),
                                                 (False, "absmax"), (True, "bias"), (False, "bias")])
-def test_loading_non_finite_scales_offset_or_bias_fails_and_loads_nothing(double_quant, name, value):
+def test_loading_non_finite_scales_offset_or_bias_fails_and_loads_nothing(double_quant, name,
+                                                                          value):
     """The float32 statistics (absmax without double quantization; nested_absmax and offset with it)
     and the bias scale every output: one NaN there is NaN in every output of its block or row."""
     source = qlora.NF4Linear.from_linear(make_linear(128, 8, True, 0), 64, double_quant)
