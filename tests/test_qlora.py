@@ -343,6 +343,46 @@ def test_qlora_linear_is_eq5_as_the_adapted_layer_computes_it(in_features, out_f
     torch.testing.assert_close(layer(x).detach().double(), exact, rtol=0.0, atol=atol)
 
 
+# Gradients in float64: a sum of at most 24 products (out_features) rounded in float64 errs by at
+# most 24 u = 2.7e-15 of the sum of absolute terms; 1e-13 of it leaves room.
+FLOAT64_GRAD_TOL = 1e-13
+
+
+@pytest.mark.exercise("qlora.nf4_linear_input_grad")
+@given(**layer_shapes)
+def test_input_grad_by_hand_equals_autograd_through_the_dense_weight(
+        in_features, out_features, blocksize, double_quant, bias, lead, seed):
+    """dL/dX = dL/dY W (QLoRA sec. 3: the frozen base passes on the input gradient only) against
+    autograd through Y = X W^T + b with W dense, all in float64."""
+    linear = make_linear(in_features, out_features, bias, seed)
+    q = nf4.quantize_nf4(linear.weight.detach(), blocksize, double_quant)
+    W = nf4.dequantize_nf4(q, torch.float32).double()  # (out, in), exact in float64
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    y = x @ W.T + (linear.bias.detach().double() if bias else 0.0)
+    grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(y, x, grad_out)
+    ours = qlora.nf4_linear_input_grad(grad_out, q, torch.float64)
+    assert ours.dtype == torch.float64 and ours.shape == x.shape
+    _, scale = reference(lambda g, W: g @ W, grad_out, W)
+    torch.testing.assert_close(ours, expected, rtol=0.0, atol=FLOAT64_GRAD_TOL * scale)
+
+
+@pytest.mark.exercise("qlora.nf4_linear_input_grad")
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(6, 40), (1, 33)])
+def test_gradcheck_of_the_backward_that_dequantizes_again(double_quant, shape):
+    """torch.autograd.gradcheck: the autograd function's backward (nf4_linear_input_grad for x, a
+    row sum for an unfrozen bias) against finite differences of its forward, in float64."""
+    out_features, in_features = shape
+    q = nf4.quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)), 32,
+                         double_quant)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: qlora.nf4_linear(x, q, b, torch.float64), (x, b))
+
+
 # --------------------------------------------------------------------------------------------------
 # QLoRA equals LoRA on the dequantized base.
 
