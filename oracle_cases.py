@@ -125,11 +125,11 @@ def nf4_weight_to_dequantize(case) -> nf4.NF4Weight:
 
 @st.composite
 def nf4_cases(draw, values=NF4_VALUES):
-    blocksize = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES))
-    rows = draw(st.integers(1, 3))
-    return {"rows": rows, "cols": draw(st.integers(1, 3 * blocksize // rows + 2)),
-            "blocksize": blocksize, "double_quant": draw(st.booleans()),
-            "dtype": draw(st.sampled_from(tuple(DTYPES))),
+    blocksize, rows = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES)), draw(st.integers(1, 3))
+    # 1-3 blocks, the last one short by 0..blocksize-1 elements, then split into rows (rounded up)
+    count = draw(st.integers(1, 3)) * blocksize - draw(st.integers(0, blocksize - 1))
+    return {"rows": rows, "cols": -(-count // rows), "blocksize": blocksize,
+            "double_quant": draw(st.booleans()), "dtype": draw(st.sampled_from(tuple(DTYPES))),
             "values": draw(st.sampled_from(values)), "seed": draw(st.integers(0, 2**16))}
 
 
