@@ -1,4 +1,5 @@
-"""Text from a run that train.py wrote; and the run folder itself: its files and their checksums.
+"""What a run is made of and what comes out of it: the texts and their tokens, the run folder
+that train.py fills (its files and their checksums), and text sampled from a finished run.
 
     python sample.py --out runs --method lora --prompt "def " --tokens 200 --seed 0
     python sample.py --out runs --method base --temperature 0.8 --top-k 20
@@ -6,6 +7,14 @@
 The same run, method, prompt, seed and options give the same text. Sampling runs torch on one
 thread: a one-token step is too small to share between threads, and on busy cores a second thread
 slows it down many times over.
+
+The texts ship with Python itself, so nothing is downloaded: pretraining reads the standard
+library's documentation topics (`pydoc_data.topics`, the text behind `help("if")`), English prose
+about Python; fine-tuning reads the source of a fixed list of pure-Python standard-library modules
+(FINETUNE_MODULES), code. Each is split by position: the first 90% trains, the rest validates.
+Tokens are characters: the sorted characters of the pretraining text after UNK (id 0), to which a
+fine-tuning character that pretraining never saw maps, since a method that freezes the embedding
+could never learn a new row.
 
 A run folder (train.py --out) holds:
     base-<key>.pt          the pretrained base: a checkpoint keyed by config and data (a cache)
@@ -260,7 +269,8 @@ def load_model(out: str, method: str) -> tuple[torch.nn.Module, str]:
     model = GPT(GPTConfig(**base["model_config"]))
     model.load_state_dict(read_checkpoint(checkpoint)["model"])
     if weights_fingerprint(model) != base["fingerprint"]:
-        raise CorruptFile(f"{checkpoint} is not the base {method} was trained on")
+        raise CorruptFile(f"{checkpoint} holds another base than the one {method} was "
+                          f"trained on")
     if method == "full":
         model.load_state_dict(safetensors_io.load_file(weights)[0])
     elif weights:
@@ -338,8 +348,8 @@ def text_flag(text: str) -> str:
     return text
 
 
-def fail(program: str, message, status: int):
-    print(f"{program}: {message}", file=sys.stderr)
+def fail(message, status: int):
+    print(f"sample.py: {message}", file=sys.stderr)
     raise SystemExit(status)
 
 
@@ -367,11 +377,11 @@ def main(argv=None) -> str:
     try:
         model, vocab = load_model(args.out, args.method)
     except MissingRun as error:
-        fail("sample.py", error, 2)
+        fail(error, 2)
     except (ValueError, OSError) as error:  # CorruptFile, or a bad adapter or safetensors file
-        fail("sample.py", f"{error}; make it again with {make_command(args.out, args.method)}", 1)
+        fail(f"{error}; make it again with {make_command(args.out, args.method)}", 1)
     if args.top_k is not None and args.top_k > len(vocab):
-        fail("sample.py", f"argument --top-k: must be at most the vocabulary's {len(vocab)}", 2)
+        fail(f"argument --top-k: must be at most the vocabulary's {len(vocab)}", 2)
     text = sample_text(model, vocab, args.prompt, args.tokens, args.seed, args.temperature,
                        args.top_k)
     print(text)

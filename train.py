@@ -62,9 +62,9 @@ QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8, pretra
 # lacks is an error; --alpha defaults to 2r when --rank is given. Learning rates were chosen on the
 # default model by a small sweep (docs, "Choosing the hyperparameters").
 LOW_RANK = dict(rank=8, alpha=16.0, rslora=False, dropout=0.0, targets=adapters.ALL_LINEAR)
-METHOD_DEFAULTS = {"full": dict(lr=1e-3), **{m: dict(lr=6e-3, **LOW_RANK) for m in ("lora", "qlora",
-                                                                                     "dora")},
-                   # r = C/2 at the default width: 12x fewer parameters than LoRA r=8
+METHOD_DEFAULTS = {"full": dict(lr=1e-3), "lora": dict(lr=6e-3, **LOW_RANK),
+                   "qlora": dict(lr=6e-3, **LOW_RANK), "dora": dict(lr=6e-3, **LOW_RANK),
+                   # VeRA: r = C/2 at the default width, 12x fewer parameters than LoRA r=8
                    "vera": dict(lr=1e-1, rank=64, dropout=0.0, targets=adapters.ALL_LINEAR)}
 METHODS = tuple(METHOD_DEFAULTS)
 # QLoRA's base: NF4 with double quantization (QLoRA sec. 3); the tiny GPT computes in float32.
@@ -382,7 +382,7 @@ def check_options(parser: Parser, args, vocab_size: int, cfg: TrainConfig) -> di
     for flag in LOW_RANK:
         without = [m for m in args.method if flag not in METHOD_DEFAULTS[m]]
         if getattr(args, flag) is not None and without:
-            parser.error(f"argument --{flag}: {', '.join(without)} has no such option (only "
+            parser.error(f"argument --{flag}: not an option of {', '.join(without)} (only of "
                          f"{', '.join(m for m in METHODS if flag in METHOD_DEFAULTS[m])})")
     options = {method: method_options(method, args) for method in args.method}
     unpaged = [m for m, opts in options.items() if opts["optimizer"] != "paged_adamw"]

@@ -340,14 +340,19 @@ def test_a_corrupt_pretraining_cache_is_set_aside_and_built_again(tmp_path, caps
 def test_resume_refuses_other_options_naming_each_with_both_values(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path)
     argv = ["--quick", "--out", folder, "--resume", "--method", "lora"]
-    status, err = run_main(argv + ["--alpha", "32", "--dropout", "0.1", "--rslora"], capsys)
+    changed = ["--alpha", "32", "--dropout", "0.1", "--rslora", "--lr", "0.01", "--optimizer",
+               "paged_adamw"]
+    status, err = run_main(argv + changed, capsys)
     line = error_line(err)
     assert status == 1 and "finetune-lora.pt" in line
     for named in ("alpha 16.0 there, 32.0 here", "dropout 0.0 there, 0.1 here",
-                  "rslora False there, True here"):
+                  "rslora False there, True here", "lr 0.006 there, 0.01 here",
+                  "optimizer 'adamw' there, 'paged_adamw' here"):
         assert named in line
     status, err = run_main(argv + ["--steps", "12"], capsys)
     assert status == 1 and "finetune_steps 10 there, 12 here" in error_line(err)
+    status, err = run_main(argv + ["--rank", "4"], capsys)  # alpha follows: 2r
+    assert status == 1 and "rank 8 there, 4 here" in err and "alpha 16.0 there, 8.0 here" in err
     status, err = run_main(argv[:-1] + ["qlora", "--budget", "64"], capsys)
     assert status == 1 and "budget None there, 64 here" in error_line(err)
     status, err = run_main(argv + ["--targets", "q_proj,v_proj"], capsys)
