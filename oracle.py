@@ -309,7 +309,8 @@ def check_dora_forward(fn, examples=50, device="cpu", derandomize=True, gradient
     The contract (dora.dora_forward without dropout): V = W0 + scaling B A, for each output row i
     n_i = max(||V_i||, 1e-12), y = (magnitude / n) ⊙ (V x) + b (the bias is not rescaled); gradients
     treat n as a constant (the detached norm of section 4.3). magnitude (out,) has the adapters'
-    dtype. Tolerance and draws as check_lora_forward, plus a zero row of V (floored: no NaN).
+    dtype. Tolerance as check_lora_forward's times the condition of the row norms (see
+    adapter_tolerances: n divides every output). Draws as LoRA's, plus a zero row of V (no NaN).
     """
     return _check("dora_forward", fn, examples, device, derandomize, gradients=gradients)
 
