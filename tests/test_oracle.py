@@ -5,7 +5,6 @@ same contract written here, and reject known mistakes with the minimal case in i
 golden files must round-trip through `verify`, fail it when a byte changes, hold bitsandbytes'
 bytes for NF4, and load with the `safetensors` package. docs/oracle.md's example is run as written.
 """
-import dataclasses
 import json
 import os
 import re
