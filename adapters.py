@@ -1,25 +1,28 @@
 """What every adapter shares: the adapter base class, finding and replacing target linears,
-freezing, adapter state, merging and atomic writes.
+freezing, merging, and saving and loading adapters as directories in PEFT's format.
 
 LoRA (lora.py), DoRA (dora.py) and VeRA (vera.py) are each an `AdapterLinear`: a module that wraps a
 frozen `base` with `in_features`, `out_features`, a forward, and either a dense `weight`
 (nn.Linear) or a `dequantized_weight()` (a quantized base such as qlora.NF4Linear, which also sets
-`linear_like = True`). A subclass names its trainable tensors in `adapter_parameter_names` and
-computes `delta_weight()`; everything here then works for it.
+`linear_like = True`). A subclass names its trainable tensors in `adapter_parameter_names`, computes
+`delta_weight()` and describes itself for files (`adapter_config`); everything here then works for
+it. The file format itself (keys, config fields, metadata) is in adapter_files.py.
 """
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+import safetensors_io
+from checks import check_int, check_tensor
+
 ALL_LINEAR = "all-linear"
-# Linears that "all-linear" leaves alone: the output head (PEFT excludes it too; adapting the
-# vocabulary projection is a different method than adapting the blocks).
+# Linears that "all-linear" leaves alone: the output head (adapting the vocabulary projection is a
+# different method than adapting the blocks). PEFT's "all-linear" excludes it only for transformers
+# models; on a plain nn.Module it adapts it too, so PEFT round trips name their targets.
 EXCLUDED_FROM_ALL_LINEAR = ("lm_head",)
 
 
@@ -36,12 +39,34 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype of the linear a base layer is or was made from: what its model's activations are
+    in. For a quantized base (qlora.NF4Linear) that is `quantized_weight.dtype`, not the compute
+    dtype it dequantizes to."""
+    quantized = getattr(base, "quantized_weight", None)
+    return quantized.dtype if quantized is not None else dense_weight(base).dtype
+
+
+def check_rank(r, in_features: int, out_features: int, layer: str) -> int:
+    """r >= 1 and r <= max(in, out). ΔW has rank at most min(in, out), so a larger r adds no rank;
+    ranks up to max(in, out) are accepted because PEFT accepts them (its files may use them), and
+    anything larger (a typo such as 10**6) is refused before it allocates."""
+    check_int(r, "r (the rank)", low=1)
+    if r > max(in_features, out_features):
+        raise ValueError(f"r (the rank) = {r} is larger than both widths of {layer} "
+                         f"({in_features} in, {out_features} out); ΔW has rank at most "
+                         f"min(in, out) = {min(in_features, out_features)}")
+    return r
+
+
 class AdapterLinear(nn.Module):
     """What every adapter shares: a frozen `base`, its shapes, and merge bookkeeping.
 
-    Subclasses name their trainable tensors in `adapter_parameter_names` and implement
-    `delta_weight()`; the additive `merge()`/`unmerge()` here then work for them. Merging happens
-    only through an explicit call, never in `train()`/`eval()`, and is idempotent.
+    Merging happens only through an explicit call, never in `train()`/`eval()`, and is idempotent.
+    The merged state is module state: buffer `adapter_merged` travels in `state_dict()`, so a merged
+    model's state loads into a fresh adapted model as merged (a state dict without it, from before
+    the buffer existed, loads as unmerged). `merge()` keeps a copy of the adapter tensors it merged,
+    and `unmerge()` refuses to subtract anything else: editing them while merged is an error.
     """
     adapter_parameter_names: tuple[str, ...] = ()
 
@@ -53,20 +78,43 @@ class AdapterLinear(nn.Module):
                                 f"got {type(base).__name__}")
         if isinstance(base, AdapterLinear):
             raise TypeError("base already carries an adapter; adapters do not stack")
+        W = check_tensor(dense_weight(base), "base weight")  # refuses meta tensors (no data)
         # "W0 is frozen and does not receive gradient updates" (LoRA, sec. 4.1)
         base.requires_grad_(False)
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.merged = False
+        self.merged = False  # mirrors the buffer, so a forward never reads a (device) tensor
+        self.register_buffer("adapter_merged", torch.tensor(False, device=W.device))
+        self._merged_values: dict[str, torch.Tensor] | None = None
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight of the adapted layer, W0 + ΔW, whether or not merged into the base."""
+    def adapter_config(self) -> dict:
+        """The PEFT config fields (adapter_files.py) that describe this layer."""
+        raise NotImplementedError
+
+    def adapter_metadata(self) -> dict[str, str]:
+        """What PEFT does not know about this layer, for the safetensors `__metadata__`."""
+        return {}
+
+    def check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"x must be a tensor of shape (..., in_features={self.in_features}), "
+                             f"got {'a 0-d tensor' if isinstance(x, torch.Tensor) else type(x)}")
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 + ΔW, dense (out, in), merged or not, rounded to `dtype` (default: W0's dtype, with
+        the rounding `merge()` does; another dtype sums in the wider of the two first)."""
         W = dense_weight(self.base)
-        return W if self.merged else W + self.delta_weight().to(W.dtype)
+        if self.merged:
+            return W.to(dtype or W.dtype)
+        delta = self.delta_weight()
+        if dtype is None or dtype == W.dtype:
+            return W + delta.to(W.dtype)
+        wide = torch.promote_types(torch.promote_types(W.dtype, delta.dtype), dtype)
+        return (W.to(wide) + delta.to(wide)).to(dtype)
 
     def _mergeable_weight(self) -> torch.Tensor:
         if not isinstance(getattr(self.base, "weight", None), torch.Tensor) or \
@@ -76,6 +124,20 @@ class AdapterLinear(nn.Module):
                             "linears")
         return self.base.weight
 
+    def _set_merged(self, merged: bool) -> None:
+        self.merged = merged
+        self.adapter_merged.fill_(merged)
+        self._merged_values = {name: getattr(self, name).detach().clone()
+                               for name in self.adapter_parameter_names} if merged else None
+
+    def _check_unchanged_since_merge(self) -> None:
+        for name, merged_value in (self._merged_values or {}).items():
+            now = getattr(self, name)
+            if not torch.equal(now, merged_value.to(now)):
+                raise ValueError(f"{name} changed while the adapter was merged: unmerging would "
+                                 "subtract a ΔW that was never added and leave W0 wrong; put the "
+                                 "merged values back (or reload the whole state dict) first")
+
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- W0 + ΔW in the base weight's own dtype. A second call does nothing."""
@@ -83,33 +145,45 @@ class AdapterLinear(nn.Module):
             return
         W = self._mergeable_weight()
         W.add_(self.delta_weight().to(W.dtype))
-        self.merged = True
+        self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 <- W - ΔW. Exact up to one rounding of the sum per element (see README)."""
+        """W0 <- W - ΔW. Exact up to one rounding of the sum per element (see docs)."""
         if not self.merged:
             return
+        self._check_unchanged_since_merge()
         W = self._mergeable_weight()
         W.sub_(self.delta_weight().to(W.dtype))
-        self.merged = False
+        self._set_merged(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        flag = prefix + "adapter_merged"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if flag not in state_dict:  # saved before the flag existed, when merging was not state
+            if flag in missing_keys:
+                missing_keys.remove(flag)
+            self.adapter_merged.fill_(False)
+        self._set_merged(bool(self.adapter_merged))
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear computing the adapted layer (dtype of the dense base weight)."""
-        W = self.merged_weight()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain frozen nn.Linear computing the adapted layer in `dtype` (default: base_dtype)."""
+        dtype = dtype or base_dtype(self.base)
+        W = self.merged_weight(dtype)
         bias = getattr(self.base, "bias", None)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                           device=W.device, dtype=W.dtype)
+                           device=W.device, dtype=dtype)
         linear.weight.copy_(W)
         if bias is not None:
             linear.bias.copy_(bias)
-        linear.requires_grad_(False)  # the merged model is frozen like the base it came from
-        return linear
+        return linear.requires_grad_(False)  # frozen like the base it came from
 
 
 # --------------------------------------------------------------------------------------------------
-# Plumbing: find, replace, freeze, save, load, merge.
+# Find, replace, freeze.
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or getattr(module, "linear_like", False)
@@ -122,33 +196,39 @@ def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
-    """Qualified names of the linear layers to adapt, in model order.
+    """Qualified names of the linear layers to adapt, in model order; never inside an adapter.
 
     `targets` is "all-linear" (every linear but `lm_head`) or name suffixes such as ("q_proj",
     "v_proj"): a module matches when its name is the suffix or ends with "." + suffix.
     """
     modules = dict(model.named_modules())
+    adapted = [a for a, m in modules.items() if isinstance(m, AdapterLinear)]
+    inside = {n for n in modules for a in adapted if n != a and n.startswith(a + "." if a else "")}
     if targets == ALL_LINEAR:
-        names = [n for n, m in modules.items()
-                 if is_linear_like(m) and n.rsplit(".", 1)[-1] not in EXCLUDED_FROM_ALL_LINEAR
-                 and not isinstance(modules.get(n.rsplit(".", 1)[0]), AdapterLinear)]
+        names = [n for n, m in modules.items() if is_linear_like(m) and n not in inside
+                 and n.rsplit(".", 1)[-1] not in EXCLUDED_FROM_ALL_LINEAR]
         if not names:
-            raise ValueError("targets='all-linear' found no linear layer to adapt")
+            raise ValueError("targets='all-linear' found no linear layer to adapt (outside "
+                             "adapters and lm_head)")
+        if names == [""]:
+            raise ValueError("model is itself a linear layer: wrap it directly "
+                             "(e.g. LoRALinear(model, ...))")
         return names
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = tuple(targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"targets must be 'all-linear' or non-empty name suffixes, "
-                         f"got {targets!r}")
+    suffixes = (targets,) if isinstance(targets, str) else targets
+    if not isinstance(suffixes, Iterable) or not (suffixes := tuple(suffixes)) or \
+            not all(isinstance(t, str) and t for t in suffixes):
+        raise ValueError(f"targets must be 'all-linear', a name suffix or a list of name "
+                         f"suffixes such as ['q_proj', 'v_proj'], got {targets!r}")
     names = []
-    for suffix in targets:
+    for suffix in suffixes:
         matched = [n for n in modules if n == suffix or n.endswith("." + suffix)]
         if not matched:
             raise ValueError(f"targets: {suffix!r} matches no module of the model")
         for n in matched:
             if isinstance(modules[n], AdapterLinear):
                 raise ValueError(f"targets: {n!r} already carries an adapter")
+            if n in inside:
+                raise ValueError(f"targets: {n!r} is part of an adapter; adapters do not nest")
             if not is_linear_like(modules[n]):
                 raise TypeError(f"targets: {n!r} is a {type(modules[n]).__name__}, "
                                 "not a linear layer")
@@ -161,9 +241,6 @@ def replace_targets(model: nn.Module, targets,
                     factory: Callable[[nn.Module], nn.Module]) -> list[str]:
     """Replace each target linear by `factory(linear)`, in place; return the replaced names."""
     names = find_targets(model, targets)
-    if "" in names:
-        raise ValueError("model is itself a linear layer: wrap it directly "
-                         "(e.g. LoRALinear(model, ...))")
     for name in names:
         replace_submodule(model, name, factory(model.get_submodule(name)))
     return names
@@ -185,6 +262,24 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def merge_adapters(model: nn.Module, inplace: bool = False,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """A model where every adapter layer is replaced by the plain linear it computes.
+
+    The result has the base model's architecture. Each linear is built in `dtype`, by default the
+    dtype of the linear the base was made from (`base_dtype`: for a quantized base not its compute
+    dtype), so the merged model takes the inputs the adapted one takes. `inplace=False` (default)
+    leaves the adapted model untouched and returns a copy.
+    """
+    merged = model if inplace else copy.deepcopy(model)
+    for name, layer in list(adapter_layers(merged).items()):
+        replace_submodule(merged, name, layer.to_linear(dtype))
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter state: bare tensor dicts (in memory) and directories in PEFT's format (on disk).
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, keyed "<layer name>.<tensor name>", detached copies."""
     state = {f"{n}.{p}": getattr(layer, p).detach().clone()
@@ -194,65 +289,60 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-@torch.no_grad()
-def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter state dict into the model's adapters, after checking it fits exactly."""
+def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     layers = adapter_layers(model)
-    expected = {f"{n}.{p}": getattr(layer, p)
-                for n, layer in layers.items() for p in layer.adapter_parameter_names}
-    if not expected:
-        raise ValueError("model has no adapter layers to load into")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter state does not fit the model: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
-    for key, param in expected.items():
-        if not isinstance(state[key], torch.Tensor) or not state[key].is_floating_point():
-            raise TypeError(f"adapter state {key!r} must be a floating-point tensor")
-        if not torch.isfinite(state[key]).all():
-            raise ValueError(f"adapter state {key!r} contains NaN or Inf")
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise ValueError(f"adapter state {key!r} has shape {tuple(state[key].shape)}, "
-                             f"the model expects {tuple(param.shape)}")
+    if not layers:
+        raise ValueError("model has no adapter layers to load into (apply_saved_adapter builds "
+                         "them)")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
                          "the old update)")
+    return layers
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a bare tensor dict (adapter_state_dict's keys) into the model's adapters.
+
+    A bare dict says nothing of the rank, alpha or seed it was trained with, so this checks what it
+    can (keys, shapes, finite floats) and refuses models with VeRA layers, whose shared matrices it
+    cannot vouch for. Anything that crosses a process or a file: save_adapter / load_adapter.
+    """
+    layers = loadable_adapter_layers(model)
+    if any(type(layer).__name__ == "VeRALinear" for layer in layers.values()):
+        raise ValueError("a bare tensor dict cannot prove which VeRA matrices it was trained on; "
+                         "use save_adapter/load_adapter (they check the projection checksum)")
+    expected = {f"{n}.{p}": getattr(layer, p)
+                for n, layer in layers.items() for p in layer.adapter_parameter_names}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter state does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for key, param in expected.items():
+        if not isinstance(state[key], torch.Tensor) or not state[key].is_floating_point():
+            raise TypeError(f"adapter state {key!r} must be a floating-point tensor")
+        check_tensor(state[key], f"adapter state {key!r}", finite=True)
+        if state[key].shape != param.shape:
+            raise ValueError(f"adapter state {key!r} has shape {tuple(state[key].shape)}, "
+                             f"the model expects {tuple(param.shape)}")
     for key, param in expected.items():
         param.copy_(state[key])
 
 
-def merge_adapters(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """A model where every adapter layer is replaced by the plain linear it computes.
-
-    The result has exactly the base model's architecture and parameter count. With `inplace=False`
-    (the default) the adapted model is left untouched and a copy is returned.
-    """
-    merged = model if inplace else copy.deepcopy(model)
-    for name, layer in list(adapter_layers(merged).items()):
-        replace_submodule(merged, name, layer.to_linear())
-    return merged
-
-
 def atomic_save(obj, path: str, write: Callable | None = None) -> None:
-    """Save `obj` to a temporary file beside `path`, then os.replace: never a half-written file.
+    """Deprecated (use safetensors_io.atomic_write): torch.save `obj` (or `write(obj, file)`) to
+    `path` through a temporary file, never leaving a half-written file."""
+    safetensors_io.atomic_write(path, lambda file: (write or torch.save)(obj, file))
 
-    `write(obj, file)` does the writing; torch.save by default.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (write or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file torch.save's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+# Adapter directories in PEFT's format (save_adapter, load_adapter, apply_saved_adapter, ...) live
+# in adapter_files.py, which imports this module and the methods' modules; reached from here on use.
+DIRECTORY_FUNCTIONS = ("save_adapter", "load_adapter", "apply_saved_adapter", "read_adapter",
+                       "saved_adapter", "base_fingerprint", "SavedAdapter")
+
+
+def __getattr__(name: str):
+    if name in DIRECTORY_FUNCTIONS:
+        import adapter_files
+        return getattr(adapter_files, name)
+    raise AttributeError(f"module 'adapters' has no attribute {name!r}")

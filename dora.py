@@ -55,14 +55,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import ALL_LINEAR, dense_weight, mark_only_adapters_trainable, replace_targets
-from lora import LoRALinear, add_low_rank_
+from checks import check_bool
+from lora import LoRALinear, add_low_rank_, check_targets_rank
 
 # Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
 # normal number in float32, float64 and bfloat16, and leaves every row with ||V|| >= 1e-12 exact.
 DORA_NORM_EPS = 1e-12
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pure functions: what an oracle user calls. Letters: N tokens (leading dims flattened), r rank.
 
 def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
@@ -127,29 +128,34 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the rest in the adapters' dtype; y is returned in x's dtype.
     """
     check_dora_inputs(weight, A, B, magnitude, scaling)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must end in in_features={weight.shape[1]}, "
-                         f"got shape {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be a tensor of shape (..., in_features={weight.shape[1]}), "
+                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    return _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_norm)
+
+
+def _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_norm) -> torch.Tensor:
+    """dora_forward without its input checks: DoRALinear checked its tensors where they entered."""
     with torch.no_grad() if detach_norm else contextlib.nullcontext():
         norm = row_norm(dora_direction(weight, A, B, scaling))  # (out,): ||W0 + s B A|| per row
     g = magnitude / norm  # (out,): m / ||V||
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    dx2 = x2 if dropout is None else dropout(x).reshape(x2.shape)  # (N, in): d(x)
-    z = F.linear(dx2.to(weight.dtype), weight)  # (N, in) @ (in, out) -> (N, out): W0 d(x)
-    # V d(x) = W0 d(x) + s B A d(x): LoRA's fused add, into z (fresh, in the adapters' dtype)
-    vx = add_low_rank_(z.to(A.dtype), dx2, A, B, scaling)  # (N, out)
+    tokens = x.reshape(-1, x.shape[-1])  # (N, in)
+    dropped = tokens if dropout is None else dropout(x).reshape(tokens.shape)  # (N, in): d(x)
+    frozen = F.linear(dropped.to(weight.dtype), weight)  # (N, in) @ (in, out) -> (N, out): W0 d(x)
+    # V d(x) = W0 d(x) + s B A d(x): LoRA's fused add, into `frozen` (fresh, adapters' dtype)
+    direction = add_low_rank_(frozen.to(A.dtype), dropped, A, B, scaling)  # (N, out)
     if dropout is None:
         rest = bias  # y = g ⊙ V x + b   ((F) with d(x) = x)
     else:
         # W0 (x − d(x)) + b: the frozen path on x, less the W0 d(x) that g ⊙ V d(x) holds
         b = None if bias is None else bias.to(weight.dtype)
-        rest = F.linear((x2 - dx2).to(weight.dtype), weight, b)  # (N, out)
+        rest = F.linear((tokens - dropped).to(weight.dtype), weight, b)  # (N, out)
     # y = rest + (m/||V||) ⊙ V d(x)   (F)
-    y = g * vx if rest is None else torch.addcmul(rest.to(A.dtype), g, vx)  # (N, out)
+    y = g * direction if rest is None else torch.addcmul(rest.to(A.dtype), g, direction)
     return y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The layer.
 
 class DoRALinear(LoRALinear):
@@ -171,15 +177,14 @@ class DoRALinear(LoRALinear):
                  rslora: bool = False, generator: torch.Generator | None = None, *,
                  detach_norm: bool = True):
         super().__init__(base, r, alpha, dropout, rslora, generator)
-        if not isinstance(detach_norm, bool):
-            raise TypeError(f"detach_norm must be a bool, got {detach_norm!r}")
-        self.detach_norm = detach_norm
+        self.detach_norm = check_bool(detach_norm, "detach_norm")
         W0 = dense_weight(base).detach().to(self.lora_A.dtype)
         # m = ||W0||_c (section 4.1). With B = 0 the forward's ||V|| is this same value, bit for
         # bit, so m / ||V|| = 1 exactly (and 0 / eps = 0 on a zero row).
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(W0, dim=1))  # (out,)
-        # W0 while merged, else None: follows .to() like the weights, not in the state dict.
-        self.register_buffer("_unmerged_weight", None, persistent=False)
+        # W0 while merged, else None (then not in the state dict): a merged model's state dict
+        # holds it, so it loads as merged and unmerges exactly.
+        self.register_buffer("_unmerged_weight", None)
 
     def _base_weight(self) -> torch.Tensor:
         """W0, the frozen base weight, whether or not W' is merged into the base."""
@@ -191,13 +196,13 @@ class DoRALinear(LoRALinear):
         return dora_weight(W0, self.lora_A, self.lora_B, self.magnitude, self.scaling,
                            self.detach_norm) - W0.to(self.lora_A.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        """W' = m ⊙ V / ||V||, (out, in) in the base weight's dtype, merged or not."""
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W' = m ⊙ V / ||V||, (out, in), merged or not, in `dtype` (default: the base weight's)."""
         W = dense_weight(self.base)
-        if self.merged:
-            return W
-        return dora_weight(W, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                           self.detach_norm).to(W.dtype)
+        if not self.merged:
+            W = dora_weight(W, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                            self.detach_norm)
+        return W.to(dtype or dense_weight(self.base).dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -208,26 +213,43 @@ class DoRALinear(LoRALinear):
         merged = dora_weight(W, self.lora_A, self.lora_B, self.magnitude, self.scaling)
         self._unmerged_weight = W.clone()
         W.copy_(merged.to(W.dtype))
-        self.merged = True
+        self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W' <- W0, restored bit for bit from the copy `merge` kept. Idempotent."""
         if not self.merged:
             return
+        self._check_unchanged_since_merge()
         self._mergeable_weight().copy_(self._unmerged_weight)
         self._unmerged_weight = None
-        self.merged = False
+        self._set_merged(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # A merged state holds W0: make room for it, so the loader copies it in (and checks it).
+        key = prefix + "_unmerged_weight"
+        if bool(state_dict.get(prefix + "adapter_merged", False)) and key not in state_dict:
+            raise ValueError(f"state dict for DoRALinear {prefix!r} is merged but holds no "
+                             f"{key!r} (W0), so it could never be unmerged")
+        if key in state_dict and self._unmerged_weight is None:
+            self._unmerged_weight = torch.empty_like(dense_weight(self.base))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not self.merged:
+            self._unmerged_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.merged:
             return self.base(x)  # W' x + b
         # nn.Dropout is the identity in eval mode: take the one-GEMM form of (F) then.
         dropout = None if isinstance(self.lora_dropout, nn.Identity) or not self.training \
             else self.lora_dropout
-        return dora_forward(x, dense_weight(self.base), getattr(self.base, "bias", None),
-                            self.lora_A, self.lora_B, self.magnitude, self.scaling, dropout,
-                            self.detach_norm)
+        return _dora_forward(x, dense_weight(self.base), getattr(self.base, "bias", None),
+                             self.lora_A, self.lora_B, self.magnitude, self.scaling, dropout,
+                             self.detach_norm)
+
+    def adapter_config(self) -> dict:
+        return dict(super().adapter_config(), use_dora=True)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
@@ -241,8 +263,9 @@ def apply_dora(model: nn.Module, targets=ALL_LINEAR, r: int = 8, alpha: float = 
     `seed` draws every lora_A from one torch.Generator in model order (None: the global RNG), so
     the same seed gives the same A as `lora.apply_lora`. Trainable per layer: r (in + out) + out.
     """
+    names = check_targets_rank(model, targets, r)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    replace_targets(model, targets, lambda base: DoRALinear(
+    replace_targets(model, names, lambda base: DoRALinear(
         base, r, alpha, dropout, rslora, generator, detach_norm=detach_norm))
     mark_only_adapters_trainable(model)
     return model

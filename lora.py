@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, dense_weight,
-                      mark_only_adapters_trainable, replace_targets)
-from checks import check_int, check_number, check_probability
+from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, check_rank, dense_weight,
+                      find_targets, mark_only_adapters_trainable, replace_targets)
+from checks import check_bool, check_number, check_probability
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure functions: what an oracle user calls.
+# The math, in the paper's order: what an oracle user calls.
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """alpha / r (LoRA, section 4.1), or alpha / sqrt(r) (rsLoRA)."""
@@ -43,21 +43,37 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor
     return scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in)
 
 
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                 B: torch.Tensor, scaling: float,
+                 dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """h = x W0^T + b + scaling · d(x) A^T B^T (eq. 3), d the dropout (None: none), for x (..., in).
+
+    The sum is taken in the adapters' dtype and returned in x's dtype, as LoRALinear does.
+    """
+    dropped = x if dropout is None else dropout(x)  # d(x): the update's input only
+    frozen = F.linear(x, weight, bias)  # (..., out): W0 x + b
+    update = (dropped.to(A.dtype) @ A.t()) @ B.t()  # (..., in) @ (in, r) @ (r, out) -> (..., out)
+    return (frozen.to(A.dtype) + scaling * update).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path: eq. 3's sum in place, in one BLAS call. Equal to lora_forward up to the rounding
+# of that last multiply-add (tests/test_lora.py states the tolerance).
+
 def add_low_rank_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                   scaling: float) -> torch.Tensor:
     """y += scaling · x A^T B^T in y's memory, for y (N, out), x (N, in); returns y.
 
-    The fast form of eq. 3: one BLAS call, the scaling applied to the small matmul, and no new
-    (N, out) tensor (out-of-place `torch.addmm` copies y first; docs/benchmarks.md has the figures).
-    So y must be a tensor nothing else holds, such as a base layer's fresh output (autograd raises
-    if a backward needs it). If y's dtype is not the adapter's (bfloat16 base, float32 adapters),
-    the sum is taken in a copy and rounded back.
+    One `addmm_` applies the scaling to the small matmul and allocates no new (N, out) tensor
+    (out-of-place `torch.addmm` copies y first). So y must be a tensor nothing else holds, such as
+    a base layer's fresh output (autograd raises if a backward needs it). If y's dtype is not the
+    adapter's (bfloat16 base, float32 adapters), the sum is taken in a copy and rounded back.
     """
     if y.dtype != A.dtype:
         return add_low_rank_(y.to(A.dtype), x, A, B, scaling).to(y.dtype)
-    xa = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r)
+    projected = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
     # h = W0 x + s B A x   (LoRA, eq. 3), with W0 x + b already in y
-    return y.addmm_(xa, B.t(), alpha=scaling)  # (N, out) += s (N, r) @ (r, out)
+    return y.addmm_(projected, B.t(), alpha=scaling)  # (N, out) += s (N, r) @ (r, out)
 
 
 def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -68,19 +84,8 @@ def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
     return out.view(y.shape).to(y.dtype)
 
 
-def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                 B: torch.Tensor, scaling: float,
-                 dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """h = x W^T + b + scaling · d(x) A^T B^T, with d the dropout (identity when None)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = F.linear(x2, weight, bias)  # (N, out), fresh: the low-rank term goes into it in place
-    dx2 = x2 if dropout is None else dropout(x).reshape(x2.shape)  # (N, in): d(x)
-    y = add_low_rank_(y, dx2, A, B, scaling)
-    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
-
-
 # --------------------------------------------------------------------------------------------------
-# The adapter layers.
+# The layer.
 
 class LoRALinear(AdapterLinear):
     """`base(x) + scaling · B A dropout(x)`, with `lora_A` (r, in) and `lora_B` (out, r)."""
@@ -89,9 +94,10 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, generator: torch.Generator | None = None):
         super().__init__(base)
-        check_int(r, "r (the rank)", low=1)
+        check_rank(r, self.in_features, self.out_features, "the base layer")
         check_number(alpha, "alpha", low=0, low_open=True)
         check_probability(dropout, "dropout")
+        check_bool(rslora, "rslora")
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scaling(r, alpha, rslora)
         W = dense_weight(base)
@@ -108,19 +114,31 @@ class LoRALinear(AdapterLinear):
         return lora_delta(self.lora_A, self.lora_B, self.scaling)  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise
-        y = self.base(x2)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
+        self.check_input(x)
+        tokens = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise
+        y = self.base(tokens)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
         if not self.merged:
-            dx2 = self.lora_dropout(x).reshape(x2.shape)  # (N, in): dropout sees x's own shape
-            y = add_low_rank_(y, dx2, self.lora_A, self.lora_B, self.scaling)
+            dropped = self.lora_dropout(x).reshape(tokens.shape)  # (N, in): d(x), on x's shape
+            y = add_low_rank_(y, dropped, self.lora_A, self.lora_B, self.scaling)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def adapter_config(self) -> dict:
+        dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha,
+                "use_rslora": self.rslora, "use_dora": False, "lora_dropout": dropout}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
 
 
-# --------------------------------------------------------------------------------------------------
-# Plumbing: find, replace, freeze, save, load, merge.
+def check_targets_rank(model: nn.Module, targets, r) -> list[str]:
+    """find_targets, and check_rank against each target before anything is allocated."""
+    names = find_targets(model, targets)
+    for name in names:
+        layer = model.get_submodule(name)
+        check_rank(r, layer.in_features, layer.out_features, repr(name))
+    return names
+
 
 def apply_lora(model: nn.Module, targets=ALL_LINEAR, r: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, rslora: bool = False, seed: int | None = None) -> nn.Module:
@@ -128,8 +146,9 @@ def apply_lora(model: nn.Module, targets=ALL_LINEAR, r: int = 8, alpha: float = 
 
     `seed` draws every lora_A from one torch.Generator in model order (None: the global RNG).
     """
+    names = check_targets_rank(model, targets, r)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    replace_targets(model, targets,
+    replace_targets(model, names,
                     lambda base: LoRALinear(base, r, alpha, dropout, rslora, generator=generator))
     mark_only_adapters_trainable(model)
     return model

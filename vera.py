@@ -13,8 +13,9 @@ Per adapted layer VeRA trains r + out numbers, LoRA r (in + out) (section 3, "Pa
 
 Layers differ in shape, so, as in PEFT, A is drawn as (r, max_in) and B as (max_out, r) for the
 widest input and output among the targets, and a layer uses the views A[:, :in] and B[:out, :].
-The pair is never saved: an adapter file holds the vectors, the seed, the shapes and a SHA-256 of
-the drawn matrices, so a load regenerates them and refuses to go on if they came out different.
+The pair is never saved: an adapter directory (adapters.save_adapter, PEFT's format with
+save_projection = false) holds the vectors, the seed and a SHA-256 of the drawn matrices, so a load
+regenerates them and refuses to go on if they came out different.
 
 Shapes follow torch.nn.Linear: weight (out, in), y = x W^T + b; the paper's W0 x has the same (out,
 in) layout. Letters: N tokens (leading dims flattened), r rank, in/out the layer's widths.
@@ -23,38 +24,38 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import (AdapterLinear, adapter_dtype, atomic_save, dense_weight, find_targets,
-                      mark_only_adapters_trainable, replace_targets)
+from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, check_rank, dense_weight,
+                      find_targets, mark_only_adapters_trainable, replace_targets)
 from checks import check_int, check_probability
 
 # lambda_d's starting value. The paper leaves it a hyperparameter (section 3, "Initialization
 # strategies"); 0.1 is PEFT's VeraConfig.d_initial default.
 DEFAULT_D_INITIAL = 0.1
+# apply_vera's defaults: train.py's VeRA rank (C/2 at the default width), PEFT's default seed
+# (VeraConfig.projection_prng_key).
+DEFAULT_RANK = 64
+DEFAULT_SEED = 0
 # Kaiming-uniform as PEFT's vera `_kaiming_init` draws it: std = gain / sqrt(fan_in) with the
 # ReLU gain sqrt(2) and fan_in the matrix's second dimension, then U(-bound, bound) with
 # bound = sqrt(3) * std (a uniform on [-a, a] has standard deviation a / sqrt(3)).
 KAIMING_GAIN = math.sqrt(2)
 UNIFORM_BOUND_PER_STD = math.sqrt(3.0)
-# VeRA has no alpha / r factor: the trained vectors carry the scale (PEFT has none either).
-VERA_SCALING = 1.0
 # torch.Generator.manual_seed takes an unsigned 64-bit seed.
 MAX_SEED = 2**64 - 1
-ADAPTER_FORMAT = "vera-adapter"
-ADAPTER_FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure functions: what an oracle user calls.
+# The math, in the paper's order: what an oracle user calls.
 
-def check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**64 - 1], got {seed!r}")
+def check_seed(seed) -> int:
+    return check_int(seed, "seed", 0, MAX_SEED)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -71,10 +72,9 @@ def vera_projections(r: int, max_in: int, max_out: int,
     (`projection_prng_key`), and the same bits on every device.
     """
     check_int(r, "r (the rank)", low=1)
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (max_in, max_out)):
-        raise ValueError(f"max_in and max_out must be ints >= 1, got {max_in!r} and {max_out!r}")
-    check_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    check_int(max_in, "max_in", low=1)
+    check_int(max_out, "max_out", low=1)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     A = _kaiming_uniform((r, max_in), generator)  # (r, max_in), drawn first
     B = _kaiming_uniform((max_out, r), generator)  # (max_out, r)
     return A, B
@@ -97,6 +97,43 @@ def vera_delta(A: torch.Tensor, B: torch.Tensor, lambda_d: torch.Tensor,
     return (lambda_b[:, None] * B) @ (lambda_d[:, None] * A)  # (out, r) @ (r, in) -> (out, in)
 
 
+def vera_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                 B: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor,
+                 dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """h = W0 x + b + Λ_b B Λ_d A d(x) (eq. 2) for x (..., in), d the dropout (None: none).
+
+    Evaluated right to left, as the equation reads (and as PEFT does); the sum is taken in the
+    adapters' dtype and returned in x's dtype, as VeRALinear does.
+    """
+    dropped = (x if dropout is None else dropout(x)).to(A.dtype)  # d(x), (..., in)
+    frozen = F.linear(x, weight, bias).to(A.dtype)  # (..., out): W0 x + b
+    scaled = (dropped @ A.t()) * lambda_d  # (..., in) @ (in, r) -> (..., r): Λ_d A d(x)
+    return (frozen + (scaled @ B.t()) * lambda_b).to(x.dtype)  # (..., out): + Λ_b B Λ_d A d(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path: eq. 2's sum in place, in one BLAS call. Equal to vera_forward up to rounding
+# (other association; tests/test_vera.py states the tolerance).
+
+def add_vera_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
+    """y += Λ_b B Λ_d A x in y's memory, for y (N, out), x (N, in); returns y. As for
+    lora.add_low_rank_, y must be a tensor nothing else holds, such as a base layer's fresh output.
+
+    Λ_d scales the r columns of A x (N, r), a pass over few numbers; Λ_b is folded into the
+    frozen B as Λ_b B (out, r), so the sum is LoRA's in-place `addmm_` and makes no pass over the
+    (N, out) activations, where vera_forward scales them by λ_b. Per token this costs 4r in + 6r
+    out FLOPs (the gradient of Λ_b B is one more matmul over the tokens) against 4r (in + out)
+    plus elementwise passes over (N, out).
+    """
+    if y.dtype != A.dtype:  # a low-precision base: sum in the adapter's dtype, round back once
+        return add_vera_(y.to(A.dtype), x, A, B, lambda_d, lambda_b).to(y.dtype)
+    projected = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
+    scaled_B = lambda_b[:, None] * B  # (out, 1) * (out, r) -> (out, r): Λ_b B
+    # h = W0 x + b + Λ_b B Λ_d A x   (VeRA, eq. 2), with W0 x + b in y
+    return y.addmm_(projected * lambda_d, scaled_B.t())  # (N, out) += (N, r) @ (r, out)
+
+
 def add_vera(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
     """y + Λ_b B Λ_d A x for every row x of x (..., in); y (..., out) holds W0 x + b already.
@@ -106,34 +143,6 @@ def add_vera(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     out = y.reshape(-1, y.shape[-1]).to(A.dtype, copy=True)  # (N, out)
     add_vera_(out, x.reshape(-1, x.shape[-1]), A, B, lambda_d, lambda_b)
     return out.view(y.shape).to(y.dtype)
-
-
-def add_vera_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-    """y += Λ_b B Λ_d A x in y's memory, for y (N, out), x (N, in); returns y. As for
-    lora.add_low_rank_, y must be a tensor nothing else holds, such as a base layer's fresh output.
-
-    Λ_d scales the r columns of A x (N, r), a pass over few numbers; Λ_b is folded into the
-    frozen B as Λ_b B (out, r), so the sum is LoRA's in-place `addmm_` and makes no pass over the
-    (N, out) activations. PEFT scales both activations instead, λ_b ⊙ (B (λ_d ⊙ A x)): the same
-    value up to rounding. Per token this costs 4r in + 6r out FLOPs (the gradient of Λ_b B is one
-    more matmul over the tokens) against PEFT's 4r (in + out) plus elementwise passes over (N, out).
-    One training step (bench.py, r = 64, CPU): 3-10% faster than PEFT's.
-    """
-    if y.dtype != A.dtype:  # a low-precision base: sum in the adapter's dtype, round back once
-        return add_vera_(y.to(A.dtype), x, A, B, lambda_d, lambda_b).to(y.dtype)
-    xa = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
-    B_b = lambda_b[:, None] * B  # (out, 1) * (out, r) -> (out, r): Λ_b B
-    # h = W0 x + b + Λ_b B Λ_d A x   (VeRA, eq. 2), with W0 x + b in y
-    return y.addmm_(xa * lambda_d, B_b.t(), alpha=VERA_SCALING)  # (N, out) += (N, r) @ (r, out)
-
-
-def vera_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                 B: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-    """h = x W0^T + b + Λ_b B Λ_d A x for x (..., in), W0 (out, in): one VeRA layer, no module."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = add_vera_(F.linear(x2, weight, bias), x2, A, B, lambda_d, lambda_b)  # (N, out)
-    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,30 +214,44 @@ class VeRALinear(AdapterLinear):
         return vera_delta(self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise
-        y = self.base(x2)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
+        self.check_input(x)
+        tokens = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise
+        y = self.base(tokens)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
         if not self.merged:
-            dx2 = self.vera_dropout(x).reshape(x2.shape)  # (N, in): dropout sees x's own shape
-            y = add_vera_(y, dx2, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)
+            dropped = self.vera_dropout(x).reshape(tokens.shape)  # (N, in): d(x), on x's shape
+            y = add_vera_(y, dropped, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def adapter_config(self) -> dict:
+        dropout = self.vera_dropout.p if isinstance(self.vera_dropout, nn.Dropout) else 0.0
+        return {"peft_type": "VERA", "r": self.r, "projection_prng_key": self.vera_projection.seed,
+                "save_projection": False, "d_initial": self.d_initial, "vera_dropout": dropout}
+
+    def adapter_metadata(self) -> dict[str, str]:
+        return {"vera_projection_sha256": self.vera_projection.checksum}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, d_initial={self.d_initial}"
 
 
-def apply_vera(model: nn.Module, targets, r: int, seed: int, d_initial: float = DEFAULT_D_INITIAL,
+def apply_vera(model: nn.Module, targets=ALL_LINEAR, r: int = DEFAULT_RANK,
+               seed: int = DEFAULT_SEED, d_initial: float = DEFAULT_D_INITIAL,
                dropout: float = 0.0) -> nn.Module:
     """Wrap the target linears in VeRALinear around one shared pair, freeze the rest; returns model.
 
-    `targets` as in adapters.find_targets ("all-linear" or name suffixes). The pair is drawn from `seed`
-    for the largest in/out widths among the targets, in float32 (float64 for a float64 base).
+    `targets` as in adapters.find_targets ("all-linear" or name suffixes). The pair is drawn from
+    `seed` for the largest in/out widths among the targets, in float32 (float64 for a float64
+    base); r may not exceed the larger of those widths (adapters.check_rank). `dropout` acts on
+    the update's input only, as in LoRA.
     """
     check_int(r, "r (the rank)", low=1)
     check_seed(seed)
+    check_probability(dropout, "dropout")
     names = find_targets(model, targets)
     bases = [model.get_submodule(name) for name in names]
     W = dense_weight(bases[0])
     max_in, max_out = max(b.in_features for b in bases), max(b.out_features for b in bases)
+    check_rank(r, max_in, max_out, "the widest target (the shared matrices)")
     projection = VeRAProjection(r, max_in, max_out, seed, dtype=adapter_dtype(W.dtype),
                                 device=W.device)
     replace_targets(model, names, lambda base: VeRALinear(base, projection, d_initial, dropout))
@@ -236,143 +259,42 @@ def apply_vera(model: nn.Module, targets, r: int, seed: int, d_initial: float = 
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# Adapter files and switching: the vectors, the seed and the shapes; never the matrices.
-
 def vera_layers(model: nn.Module) -> dict[str, VeRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, VeRALinear)}
 
 
-def vera_projection_of(model: nn.Module, layers: dict | None = None) -> VeRAProjection:
-    """The one VeRAProjection the model's VeRA layers (`vera_layers(model)`) share."""
-    layers = vera_layers(model) if layers is None else layers
-    projections = {id(m.vera_projection): m.vera_projection for m in layers.values()}
-    if not projections:
-        raise ValueError("model has no VeRA layers (call apply_vera first)")
-    if len(projections) > 1:
-        raise ValueError(f"the model's VeRA layers use {len(projections)} different shared pairs; "
-                         "an adapter file holds one seed, so apply VeRA once over all targets")
+def vera_projection_of(model: nn.Module) -> VeRAProjection:
+    """The one VeRAProjection the model's VeRA layers share."""
+    projections = {id(m.vera_projection): m.vera_projection for m in vera_layers(model).values()}
+    if len(projections) != 1:
+        raise ValueError(f"the model's VeRA layers share {len(projections)} pairs of matrices, "
+                         "not one (apply VeRA once over all its targets)")
     return next(iter(projections.values()))
 
 
-def vera_adapter(model: nn.Module) -> dict:
-    """The model's adapter as it is saved: a header, and all vectors packed into one 1-D tensor.
+# --------------------------------------------------------------------------------------------------
+# Deprecated: the old file functions, now thin shims over adapters.save_adapter / load_adapter
+# (adapter directories in PEFT's format). Kept only while train.py and bench.py call them.
 
-    One tensor, not one per vector: each tensor in a torch.save file costs about 250 bytes of zip
-    headers, name and 64-byte alignment, as much as a 64-float vector itself (measured; README).
-    """
-    layers = vera_layers(model)
-    projection = vera_projection_of(model, layers)
-    vectors = [t.detach().reshape(-1) for m in layers.values() for t in (m.lambda_d, m.lambda_b)]
-    return {"format": ADAPTER_FORMAT, "version": ADAPTER_FORMAT_VERSION, "seed": projection.seed,
-            "r": projection.r, "max_in": projection.max_in, "max_out": projection.max_out,
-            "checksum": projection.checksum,  # SHA-256 of the float32 matrices the seed gave here
-            "layers": [[name, m.in_features, m.out_features] for name, m in layers.items()],
-            "vectors": torch.cat(vectors).cpu()}  # per layer: lambda_d (r,) then lambda_b (out,)
-
-
-def _check_adapter(adapter, source: str) -> None:
-    """Raise a ValueError naming `source` unless `adapter` is a well-formed VeRA adapter."""
-    def fail(problem: str):
-        raise ValueError(f"{source}: {problem}")
-    if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
-        fail(f"not a VeRA adapter (no format {ADAPTER_FORMAT!r})")
-    if adapter.get("version") != ADAPTER_FORMAT_VERSION:
-        fail(f"format version {adapter.get('version')!r}, this code reads {ADAPTER_FORMAT_VERSION}")
-    if not all(isinstance(adapter.get(k), int) for k in ("seed", "r", "max_in", "max_out")):
-        fail("'seed', 'r', 'max_in' and 'max_out' must be ints")
-    if not isinstance(adapter.get("checksum"), str) or len(adapter["checksum"]) != 64:
-        fail("'checksum' must be a SHA-256 hex string")
-    layers = adapter.get("layers")
-    if not isinstance(layers, list) or not layers or not all(
-            isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], str)
-            and isinstance(e[1], int) and isinstance(e[2], int) for e in layers):
-        fail("'layers' must be a non-empty list of [name, in, out]")
-    for name, n_in, n_out in layers:
-        if not (1 <= n_in <= adapter["max_in"] and 1 <= n_out <= adapter["max_out"]):
-            fail(f"layer {name!r} ({n_in} in, {n_out} out) does not fit the shared matrices "
-                 f"({adapter['max_in']} in, {adapter['max_out']} out)")
-    vectors, size = adapter.get("vectors"), sum(adapter["r"] + n_out for _, _, n_out in layers)
-    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point() \
-            or tuple(vectors.shape) != (size,):
-        fail(f"'vectors' must be a float tensor of shape ({size},), the sum of r + out per layer")
-    if not torch.isfinite(vectors).all():
-        fail("'vectors' holds NaN or Inf")
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"vera.{old} is deprecated; use adapters.{new}", DeprecationWarning, stacklevel=3)
 
 
 def save_vera_adapter(model: nn.Module, path: str) -> None:
-    """Write the model's VeRA adapter to `path` atomically (temporary file, then os.replace)."""
-    atomic_save(vera_adapter(model), path)
+    _deprecated("save_vera_adapter", "save_adapter")
+    import adapter_files  # it imports this module
+    adapter_files.save_adapter(model, path)
 
 
-def read_vera_adapter(path: str, device: torch.device | str = "cpu") -> dict:
-    """Read and check an adapter file (weights_only), its vectors on `device`; keep it to switch."""
-    adapter = torch.load(path, map_location=device, weights_only=True)
-    _check_adapter(adapter, path)
-    return adapter
+def read_vera_adapter(path: str, device: torch.device | str = "cpu"):
+    _deprecated("read_vera_adapter", "read_adapter")
+    import adapter_files
+    saved = adapter_files.read_adapter(path)
+    saved.tensors = {key: tensor.to(device) for key, tensor in saved.tensors.items()}
+    return saved
 
 
-def _checksum_mismatch(seed: int, regenerated: str, stored: str) -> ValueError:
-    return ValueError(f"checksum mismatch: the matrices regenerated from seed {seed} (sha256 "
-                      f"{regenerated[:16]}...) are not the ones the adapter was trained with "
-                      f"(sha256 {stored[:16]}...): this torch's random generator draws others")
-
-
-@torch.no_grad()
-def use_vera_adapter(model: nn.Module, adapter: dict) -> None:
-    """Switch the model to `adapter` (read_vera_adapter's or vera_adapter's): copy its vectors in.
-
-    Checks first that the adapter was trained on these very shared matrices (seed, shapes,
-    checksum) and these layers. The base and the matrices stay as they are: a switch is one walk
-    over the modules and one copy per vector.
-    """
-    layers = vera_layers(model)
-    projection = vera_projection_of(model, layers)
-    for key in ("seed", "r", "max_in", "max_out"):
-        if adapter[key] != getattr(projection, key):
-            raise ValueError(f"adapter has {key}={adapter[key]}, the model's shared VeRA matrices "
-                             f"{key}={getattr(projection, key)}")
-    if adapter["checksum"] != projection.checksum:
-        raise _checksum_mismatch(projection.seed, projection.checksum, adapter["checksum"])
-    shapes = {name: (n_in, n_out) for name, n_in, n_out in adapter["layers"]}
-    ours = {name: (m.in_features, m.out_features) for name, m in layers.items()}
-    if shapes != ours:
-        differing = sorted(set(shapes.items()) ^ set(ours.items()))  # (name, (in, out)) pairs
-        raise ValueError(f"adapter layers do not match the model's VeRA layers: {differing[:5]}")
-    if any(m.merged for m in layers.values()):
-        raise ValueError("unmerge the adapters before switching (a merged base keeps the update)")
-    # the packing order: lambda_d (r,) then lambda_b (out,), layer after layer
-    params = [p for name in shapes for p in (layers[name].lambda_d, layers[name].lambda_b)]
-    sizes = [p.numel() for p in params]
-    if adapter["vectors"].shape != (sum(sizes),):
-        raise ValueError(f"adapter 'vectors' must have shape ({sum(sizes)},), the sum of r + out")
-    for param, part in zip(params, adapter["vectors"].split(sizes)):  # views of the packed tensor
-        param.copy_(part)
-
-
-def load_vera_adapter(model: nn.Module, path: str) -> dict:
-    """Read `path` and switch the model to it; on a model without VeRA layers, apply VeRA first
-    with the file's targets, rank and seed (regenerating the shared pair). Returns the adapter."""
-    adapter = read_vera_adapter(path)
-    if not vera_layers(model):  # check before changing the model: a failure leaves it intact
-        modules, layers = dict(model.named_modules()), adapter["layers"]
-        for name, n_in, n_out in layers:
-            m = modules.get(name)
-            if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != (n_in, n_out):
-                raise ValueError(f"{path}: the model has no layer {name!r} with {n_in} in, "
-                                 f"{n_out} out")
-        if (max(e[1] for e in layers), max(e[2] for e in layers)) != (adapter["max_in"],
-                                                                      adapter["max_out"]):
-            raise ValueError(f"{path}: its shared matrices are not drawn for its widest layers")
-        regenerated = projection_checksum(*vera_projections(
-            adapter["r"], adapter["max_in"], adapter["max_out"], adapter["seed"]))
-        if regenerated != adapter["checksum"]:
-            raise _checksum_mismatch(adapter["seed"], regenerated, adapter["checksum"])
-        apply_vera(model, [name for name, _, _ in layers], adapter["r"], adapter["seed"])
-    use_vera_adapter(model, adapter)
-    return adapter
-
-
-def adapter_file_bytes(path: str) -> int:
-    """Size of an adapter file on disk, in bytes."""
-    return os.path.getsize(path)
+def use_vera_adapter(model: nn.Module, adapter) -> None:
+    _deprecated("use_vera_adapter", "load_adapter")
+    import adapter_files
+    adapter_files.load_adapter(model, adapter, check_base=False)

@@ -106,8 +106,11 @@ def f64(t):
 
 @st.composite
 def cases(draw, dtypes=(torch.float32, torch.float64)):
-    return dict(out_features=draw(st.integers(1, 12)), in_features=draw(st.integers(1, 12)),
-                r=draw(st.integers(1, 6)), alpha=draw(st.floats(0.25, 32.0)),
+    out_features, in_features = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    return dict(out_features=out_features, in_features=in_features,
+                # r <= max(in, out): adapters.check_rank refuses larger ranks
+                r=draw(st.integers(1, min(6, max(in_features, out_features)))),
+                alpha=draw(st.floats(0.25, 32.0)),
                 rslora=draw(st.booleans()), bias=draw(st.booleans()),
                 dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 2**31 - 1)),
                 lead=draw(st.sampled_from([(1,), (5,), (2, 3)])))
@@ -457,14 +460,14 @@ def test_apply_dora_trains_only_the_adapters_and_round_trips_its_state():
     state = adapters.adapter_state_dict(model)
     assert sum(k.endswith(".magnitude") for k in state) == len(layers)
     fresh = dora.apply_dora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=6)
-    adapters.load_adapter(fresh, state)
+    adapters.load_adapter_state(fresh, state)
     idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
     bad = dict(state)
     key = next(k for k in bad if k.endswith(".magnitude"))
     bad[key] = bad[key][:-1]
     with pytest.raises(ValueError, match="shape"):
-        adapters.load_adapter(fresh, bad)
+        adapters.load_adapter_state(fresh, bad)
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -505,6 +508,63 @@ def test_bad_inputs_raise_clear_errors():
         dora.apply_dora(model, ("no_such_layer",))
     with pytest.raises(ValueError, match="r \\(the rank\\)"):
         dora.apply_dora(model, r=0)
+    with pytest.raises(ValueError, match="r \\(the rank\\) = 65 .*'blocks.0.mlp.up_proj'"):
+        dora.apply_dora(model, ("up_proj",), r=65)  # 16 in, 64 out
+    layer = dora.DoRALinear(base, 2, 1.0)
+    with pytest.raises(ValueError, match="x must be a tensor of shape"):
+        layer(torch.tensor(2.0))
+    with pytest.raises(ValueError, match="x must be a tensor of shape"):
+        dora.dora_forward(torch.tensor(2.0), W, None, A, B, m, 1.0)
+
+
+def test_inputs_are_checked_where_they_enter_not_on_every_forward(monkeypatch):
+    """check_dora_inputs runs in the public pure functions; the module's forward, whose tensors
+    were checked when the layer was built, does not run it."""
+    calls = []
+    check = dora.check_dora_inputs
+    monkeypatch.setattr(dora, "check_dora_inputs", lambda *args: calls.append(1) or check(*args))
+    layer, x, _ = make_layer(dict(out_features=4, in_features=5, r=2, alpha=2.0, rslora=False,
+                                  bias=True, dtype=torch.float32, seed=0, lead=(3,)))
+    layer.train()
+    layer(x)
+    layer.eval()
+    layer(x)
+    assert calls == []
+    dora.dora_forward(x, layer.base.weight, None, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
+    assert calls == [1]
+
+
+@given(cases())
+def test_a_merged_state_dict_loads_as_merged_and_unmerges_exactly(case):
+    """The merged flag and W0 are module state: a fresh layer loading a merged layer's state dict
+    is merged, computes the same, and unmerge() gives W0 back bit for bit."""
+    layer, x, _ = make_layer(case)
+    W0, before = layer.base.weight.detach().clone(), layer(x)
+    layer.merge()
+    state = layer.state_dict()
+    assert bool(state["adapter_merged"]) and torch.equal(state["_unmerged_weight"], W0)
+    fresh, _, _ = make_layer(dict(case, seed=case["seed"] + 1))
+    fresh.load_state_dict(state)
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    fresh.unmerge()
+    assert torch.equal(fresh.base.weight, W0) and "_unmerged_weight" not in fresh.state_dict()
+    torch.testing.assert_close(fresh(x), before, rtol=0, atol=0)
+    del state["_unmerged_weight"]
+    with pytest.raises(ValueError, match="merged but holds no"):
+        make_layer(case)[0].load_state_dict(state)
+
+
+def test_editing_the_magnitude_while_merged_makes_unmerge_refuse():
+    layer, _, _ = make_layer(dict(out_features=4, in_features=5, r=2, alpha=2.0, rslora=False,
+                                  bias=True, dtype=torch.float32, seed=0, lead=(3,)))
+    layer.merge()
+    merged = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        layer.magnitude.mul_(2.0)
+    with pytest.raises(ValueError, match="magnitude changed while the adapter was merged"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(layer.base.weight, merged)  # nothing was changed
 
 
 # ------------------------------------------------------------------------------------ PEFT oracle

@@ -164,10 +164,17 @@ def test_forward_equals_the_equation(shape, seed, dtype):
     layer, x = make_layer(shape, seed, dtype)
     y = layer(x)
     torch.testing.assert_close(y, equation_reference(layer, x).to(dtype), **TOL[dtype])
-    # the pure function computes the same bits as the module
+    # the module is the fast path, bit for bit: the base's output, then add_vera_ into it
+    tokens = x.reshape(-1, shape[0])  # (N, in)
+    fast = vera.add_vera_(layer.base(tokens), tokens, layer.vera_A, layer.vera_B, layer.lambda_d,
+                          layer.lambda_b)
+    torch.testing.assert_close(fast.view(y.shape), y, **EXACT)
+    # the plain eq. 2 (vera_forward) associates the products otherwise (Λ_b applied to the
+    # activations, not folded into B): equal within the same tolerance as the equation's
     pure = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
                              layer.lambda_d, layer.lambda_b)
-    torch.testing.assert_close(pure, y, **EXACT)
+    assert pure.dtype == y.dtype
+    torch.testing.assert_close(pure, y, **TOL[dtype])
     # vera_delta is ΔW = Λ_b B Λ_d A
     delta = torch.diag(layer.lambda_b.double()) @ layer.vera_B.double() \
         @ torch.diag(layer.lambda_d.double()) @ layer.vera_A.double()
@@ -241,8 +248,8 @@ def test_dropout_is_on_the_adapter_input_only():
     layer, x = make_layer((8, 6, 4, 8, 6), 0, torch.float32)
     layer.vera_dropout = nn.Dropout(0.5)
     layer.eval()
-    without = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
-                                layer.lambda_d, layer.lambda_b)
+    without = vera.add_vera(layer.base(x), x, layer.vera_A, layer.vera_B, layer.lambda_d,
+                            layer.lambda_b)
     torch.testing.assert_close(layer(x), without, **EXACT)
     layer.train()
     torch.manual_seed(5)
@@ -252,6 +259,10 @@ def test_dropout_is_on_the_adapter_input_only():
     expected = vera.add_vera(layer.base(x), dropped, layer.vera_A, layer.vera_B, layer.lambda_d,
                              layer.lambda_b)
     torch.testing.assert_close(y, expected, **EXACT)
+    torch.manual_seed(5)
+    plain = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
+                              layer.lambda_d, layer.lambda_b, dropout=nn.Dropout(0.5))
+    torch.testing.assert_close(plain, y, **TOL[torch.float32])  # the same mask, plain eq. 2
 
 
 class FakeQuantizedLinear(nn.Module):
@@ -286,15 +297,16 @@ def test_works_on_a_quantized_base_through_dense_weight():
 # --------------------------------------------------------------------------------------------------
 # Parameter count and bad input.
 
-@given(n_layer=st.integers(1, 2), n_embd=st.sampled_from([8, 16, 32]), r=st.integers(1, 40))
+@given(n_layer=st.integers(1, 2), n_embd=st.sampled_from([8, 16, 32]), r=st.integers(1, 32))
 @settings(max_examples=10)
 def test_trainable_parameters_equal_the_formula(n_layer, n_embd, r):
     C = n_embd
     model = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=r, seed=0)
     # Σ over the targets of (r + out): q, k, v, o, down have out = C, up has out = 4C
     assert adapters.count_trainable(model) == n_layer * (6 * r + 9 * C)
-    qv = vera.apply_vera(tiny_gpt(n_layer, C), ("q_proj", "v_proj"), r=r, seed=0)
-    assert adapters.count_trainable(qv) == n_layer * 2 * (r + C)
+    r_qv = min(r, C)  # q and v are C -> C: ranks beyond C are refused (adapters.check_rank)
+    qv = vera.apply_vera(tiny_gpt(n_layer, C), ("q_proj", "v_proj"), r=r_qv, seed=0)
+    assert adapters.count_trainable(qv) == n_layer * 2 * (r_qv + C)
     lora_model = lora.apply_lora(tiny_gpt(n_layer, C), "all-linear", r=8, seed=0)
     assert adapters.count_trainable(lora_model) == n_layer * 144 * C  # Σ 8 (in + out)
     # the proposed default rank r = C / 2: exactly 12x fewer than LoRA at rank 8, at every width
@@ -320,10 +332,30 @@ def test_bad_rank_seed_d_initial_and_too_large_targets_raise_clearly():
             VeRALinear(base, projection)
     with pytest.raises(TypeError, match="VeRAProjection"):
         VeRALinear(nn.Linear(4, 4), projection=torch.zeros(4, 4))
+    # r up to the widest target (4C = 64 here) is fine; beyond, refused before drawing the pair
+    assert vera.apply_vera(tiny_gpt(), r=64).blocks[0].mlp.up_proj.r == 64
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"r \(the rank\) = 1000000000 .*widest target"):
+        vera.apply_vera(model, r=10**9)
+    assert not vera.vera_layers(model)
+    for targets in (None, 3, [None]):
+        with pytest.raises(ValueError, match="targets must be"):
+            vera.apply_vera(tiny_gpt(), targets)
+    with pytest.raises(ValueError, match="x must be a tensor of shape"):
+        vera.apply_vera(tiny_gpt()).blocks[0].attn.q_proj(torch.tensor(1.0))
+
+
+def test_apply_vera_has_defaults_like_the_other_methods():
+    """model first, targets="all-linear", r (train.py's VeRA rank), then its own options."""
+    model = vera.apply_vera(tiny_gpt())
+    layers = vera.vera_layers(model)
+    assert len(layers) == 12 and all(m.r == vera.DEFAULT_RANK == 64 for m in layers.values())
+    assert vera.vera_projection_of(model).seed == vera.DEFAULT_SEED == 0  # PEFT's default key
 
 
 # --------------------------------------------------------------------------------------------------
-# Adapter files: round trip, switching, checksum.
+# Adapter directories (adapters.save_adapter / load_adapter): what is VeRA's own. The format and
+# every refusal in general are tested in tests/test_adapters.py.
 
 def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
     model = vera.apply_vera(tiny_gpt(n_embd=n_embd), "all-linear", r=8, seed=seed)
@@ -331,47 +363,33 @@ def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
     return model
 
 
-def test_save_load_round_trip_regenerates_the_matrices(tmp_path):
+def test_a_directory_holds_the_vectors_seed_and_checksum_never_the_matrices(tmp_path):
     model, idx = trained_vera_gpt(0), token_batch()
-    path = str(tmp_path / "a.pt")
-    vera.save_vera_adapter(model, path)
-    assert os.listdir(tmp_path) == ["a.pt"]  # no temporary file left behind
-    # the file: the header, and one 1-D tensor of the vectors; no matrix
-    saved = torch.load(path, weights_only=True)
-    tensors = [v for v in saved.values() if isinstance(v, torch.Tensor)]
-    assert len(tensors) == 1 and tensors[0].dim() == 1
-    assert tensors[0].numel() == adapters.count_trainable(model) == 2 * (6 * 8 + 9 * 16)
-    assert saved["seed"] == 3 and saved["checksum"] == vera.projection_checksum(
+    adapters.save_adapter(model, tmp_path / "a")
+    saved = adapters.read_adapter(tmp_path / "a")
+    assert saved.config["projection_prng_key"] == 3 and saved.config["save_projection"] is False
+    assert saved.metadata["vera_projection_sha256"] == vera.projection_checksum(
         *vera.vera_projections(8, 64, 64, 3))
-    assert vera.adapter_file_bytes(path) == os.path.getsize(path)
-    fresh = tiny_gpt()  # the bare base: load applies VeRA with the file's targets, rank and seed
-    vera.load_vera_adapter(fresh, path)
+    assert sum(t.numel() for t in saved.tensors.values()) == adapters.count_trainable(model)
+    fresh = adapters.apply_saved_adapter(tiny_gpt(), tmp_path / "a")  # regenerates the pair
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], **EXACT)
-    for a, b in zip(vera.vera_layers(fresh).values(), vera.vera_layers(model).values()):
-        torch.testing.assert_close(a.vera_A, b.vera_A, **EXACT)
-        torch.testing.assert_close(a.lambda_b, b.lambda_b, **EXACT)
-    # loading into a model that already carries VeRA (same seed) only copies the vectors
-    other = trained_vera_gpt(1)
-    vera.load_vera_adapter(other, path)
-    torch.testing.assert_close(other(idx)[0], model(idx)[0], **EXACT)
 
 
 def test_switching_among_adapters_copies_vectors_only(tmp_path):
     idx = token_batch()
-    paths, expected = [], []
+    saved, expected = [], []
     for i in range(3):
         model = trained_vera_gpt(10 + i)
-        paths.append(str(tmp_path / f"adapter{i}.pt"))
-        vera.save_vera_adapter(model, paths[-1])
+        adapters.save_adapter(model, tmp_path / f"adapter{i}")
+        saved.append(adapters.read_adapter(tmp_path / f"adapter{i}"))  # read once, switch often
         expected.append(model(idx)[0])
     live = vera.apply_vera(tiny_gpt(), "all-linear", r=8, seed=3)
     layers = list(vera.vera_layers(live).values())
     weights = [p.detach().clone() for p in live.parameters() if not p.requires_grad]
     projection = vera.vera_projection_of(live)
     A = projection.vera_A.clone()
-    adapters = [vera.read_vera_adapter(p) for p in paths]
     for order in (0, 2, 1, 0):
-        vera.use_vera_adapter(live, adapters[order])
+        adapters.load_adapter(live, saved[order], check_base=False)
         torch.testing.assert_close(live(idx)[0], expected[order], **EXACT)
     assert list(vera.vera_layers(live).values()) == layers  # the same layer objects: no rebuild
     assert vera.vera_projection_of(live) is projection and torch.equal(projection.vera_A, A)
@@ -379,71 +397,57 @@ def test_switching_among_adapters_copies_vectors_only(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(frozen, weights))
 
 
-def test_checksum_mismatch_fails_clearly(tmp_path, monkeypatch):
-    path = str(tmp_path / "a.pt")
-    vera.save_vera_adapter(trained_vera_gpt(0), path)
-    # 1. this machine's generator draws other matrices from the same seed than the training one did
+def test_checksum_or_seed_mismatch_fails_clearly(tmp_path, monkeypatch):
+    directory = tmp_path / "a"
+    adapters.save_adapter(trained_vera_gpt(0), directory)
+    # this machine's generator draws other matrices from the same seed than the training one did
     draw = vera.vera_projections
-
-    def other_generator(r, max_in, max_out, seed):
-        A, B = draw(r, max_in, max_out, seed)
-        return A, B.flip(0)
-
-    monkeypatch.setattr(vera, "vera_projections", other_generator)
+    monkeypatch.setattr(vera, "vera_projections",
+                        lambda *args: (draw(*args)[0], draw(*args)[1].flip(0)))
     bare = tiny_gpt()
-    with pytest.raises(ValueError, match="checksum mismatch.*seed 3"):
-        vera.load_vera_adapter(bare, path)
-    assert not vera.vera_layers(bare)  # refused before changing the model
+    with pytest.raises(ValueError, match="vera_projection_sha256 is '[0-9a-f]{64}' in the file "
+                                         "but '[0-9a-f]{64}' in the model"):
+        adapters.apply_saved_adapter(bare, directory)
+    assert not vera.vera_layers(bare)  # refused, and the model left as it was
     monkeypatch.undo()
-    # 2. a stored checksum that does not belong to the seed's matrices
-    saved = torch.load(path, weights_only=True)
-    saved["checksum"] = "0" * 64
-    adapters.atomic_save(saved, path)
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        vera.load_vera_adapter(trained_vera_gpt(0), path)
+    with pytest.raises(ValueError, match="projection_prng_key is 3 in the file but 4 in the model"):
+        adapters.load_adapter(trained_vera_gpt(0, seed=4), directory)
+    with pytest.raises(ValueError, match="bare tensor dict cannot prove"):
+        adapters.load_adapter_state(trained_vera_gpt(1), adapters.adapter_state_dict(bare_vera()))
 
 
-def test_loading_an_adapter_that_does_not_fit_fails_clearly(tmp_path):
-    path = str(tmp_path / "a.pt")
-    vera.save_vera_adapter(trained_vera_gpt(0, seed=3), path)
-    with pytest.raises(ValueError, match="seed=3.*seed=4"):
-        vera.load_vera_adapter(trained_vera_gpt(0, seed=4), path)
-    wide = tiny_gpt(n_embd=32)
-    with pytest.raises(ValueError, match="no layer 'blocks.0.attn.q_proj' with 16 in, 16 out"):
-        vera.load_vera_adapter(wide, path)
-    assert not vera.vera_layers(wide)  # the failed load left the model as it was
-    with pytest.raises(ValueError, match="max_in=64"):
-        vera.load_vera_adapter(trained_vera_gpt(0, n_embd=32), path)
-    mlp = vera.apply_vera(tiny_gpt(), ("up_proj", "down_proj"), r=8, seed=3)  # same max shapes
-    with pytest.raises(ValueError, match="do not match the model's VeRA layers"):
-        vera.load_vera_adapter(mlp, path)
-    merged = trained_vera_gpt(1)
-    for layer in vera.vera_layers(merged).values():
-        layer.merge()
-    with pytest.raises(ValueError, match="unmerge"):
-        vera.load_vera_adapter(merged, path)
-    model = trained_vera_gpt(2)
-    before = adapters.adapter_state_dict(model)
-    short = vera.vera_adapter(trained_vera_gpt(1))
-    short["vectors"] = short["vectors"][:-1]
-    with pytest.raises(ValueError, match="'vectors' must have shape"):
-        vera.use_vera_adapter(model, short)
-    for key, value in adapters.adapter_state_dict(model).items():  # nothing copied
-        torch.testing.assert_close(value, before[key], **EXACT)
-    saved = torch.load(path, weights_only=True)
-    saved["max_in"] = 80  # still holds every layer, but is not what apply_vera would draw
-    adapters.atomic_save(saved, path)
-    bare = tiny_gpt()
-    with pytest.raises(ValueError, match="widest layers"):
-        vera.load_vera_adapter(bare, path)
-    assert not vera.vera_layers(bare)
-    saved["vectors"][3] = float("nan")
-    adapters.atomic_save(saved, path)
-    with pytest.raises(ValueError, match="NaN"):
-        vera.read_vera_adapter(path)
-    adapters.atomic_save(adapters.adapter_state_dict(trained_vera_gpt(0)), path)
-    with pytest.raises(ValueError, match="not a VeRA adapter"):
-        vera.read_vera_adapter(path)
+def bare_vera():
+    return trained_vera_gpt(0)
+
+
+def test_deprecated_file_functions_are_shims_over_the_directory_pair(tmp_path):
+    model, idx = trained_vera_gpt(0), token_batch()
+    with pytest.warns(DeprecationWarning, match="save_adapter"):
+        vera.save_vera_adapter(model, tmp_path / "a")
+    with pytest.warns(DeprecationWarning, match="read_adapter"):
+        saved = vera.read_vera_adapter(tmp_path / "a")
+    other = trained_vera_gpt(1)
+    with pytest.warns(DeprecationWarning, match="load_adapter"):
+        vera.use_vera_adapter(other, saved)
+    torch.testing.assert_close(other(idx)[0], model(idx)[0], **EXACT)
+
+
+def test_apply_vera_honours_dropout():
+    """apply_vera(dropout=p): every layer drops its update's input in training (train.py passes
+    --dropout; it was silently ignored before), and the file records it as vera_dropout."""
+    model = vera.apply_vera(tiny_gpt(), "all-linear", r=8, seed=3, dropout=0.25)
+    for layer in vera.vera_layers(model).values():
+        assert isinstance(layer.vera_dropout, nn.Dropout) and layer.vera_dropout.p == 0.25
+        assert layer.adapter_config()["vera_dropout"] == 0.25
+    randomize_vectors(model, 0)
+    idx = token_batch()
+    model.train()
+    torch.manual_seed(0)
+    first = model(idx)[0]
+    torch.manual_seed(1)
+    assert not torch.equal(model(idx)[0], first)  # other masks, other outputs
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,6 +470,7 @@ class ThreeLinears(nn.Module):
        d_initial=st.sampled_from([0.1, 1.0, -0.5]))
 @settings(max_examples=15)
 def test_matches_peft_vera(seed, r, widths, d_initial):
+    r = min(r, max(widths))  # ranks beyond the widest target are refused (adapters.check_rank)
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)  # for nn.Linear's own init and PEFT's placeholder vectors
     model = ThreeLinears(*widths)
