@@ -311,6 +311,18 @@ def test_a_rerun_replaces_its_own_row_and_keeps_the_others(tmp_path, capsys):
     assert set(sample.read_json(os.path.join(folder, "run.json"))) == {"base", *train.METHODS}
 
 
+def test_corrupt_run_and_results_files_are_set_aside_and_started_afresh(tmp_path, capsys):
+    folder = copy_of_quick_run(tmp_path)
+    for name in ("run.json", "results.json"):
+        flip_byte(os.path.join(folder, name), 0.9)
+    status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
+    assert status == 0 and err.count("set aside") == 2
+    assert all(os.path.exists(os.path.join(folder, name + ".corrupt"))
+               for name in ("run.json", "results.json"))
+    assert set(sample.read_json(os.path.join(folder, "run.json"))) == {"base", "full"}
+    assert [r["method"] for r in sample.read_json(os.path.join(folder, "results.json"))] == ["full"]
+
+
 def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path, only_base=True)
     os.makedirs(os.path.join(folder, "adapter-lora"))
