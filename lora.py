@@ -93,7 +93,7 @@ class LoRALinear(AdapterLinear):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, generator: torch.Generator | None = None):
-        super().__init__(base)
+        super().__init__(base)  # checks base first: the rank check needs its widths
         check_rank(r, self.in_features, self.out_features, "the base layer")
         check_number(alpha, "alpha", low=0, low_open=True)
         check_probability(dropout, "dropout")
@@ -147,6 +147,9 @@ def apply_lora(model: nn.Module, targets=ALL_LINEAR, r: int = 8, alpha: float = 
     `seed` draws every lora_A from one torch.Generator in model order (None: the global RNG).
     """
     names = check_targets_rank(model, targets, r)
+    check_number(alpha, "alpha", low=0, low_open=True)  # before any layer is touched
+    check_probability(dropout, "dropout")
+    check_bool(rslora, "rslora")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     replace_targets(model, names,
                     lambda base: LoRALinear(base, r, alpha, dropout, rslora, generator=generator))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, check_rank, dense_weight,
                       find_targets, mark_only_adapters_trainable, replace_targets)
-from checks import check_int, check_probability
+from checks import check_int, check_number, check_probability
 
 # lambda_d's starting value. The paper leaves it a hyperparameter (section 3, "Initialization
 # strategies"); 0.1 is PEFT's VeraConfig.d_initial default.
@@ -56,6 +56,13 @@ MAX_SEED = 2**64 - 1
 
 def check_seed(seed) -> int:
     return check_int(seed, "seed", 0, MAX_SEED)
+
+
+def check_d_initial(d_initial) -> float:
+    """lambda_b starts at 0, so lambda_d = 0 would zero both vectors' gradients for good."""
+    if check_number(d_initial, "d_initial (non-zero)") == 0:
+        raise ValueError(f"d_initial must be a finite non-zero number, got {d_initial!r}")
+    return d_initial
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -187,10 +194,7 @@ class VeRALinear(AdapterLinear):
                 f"base layer ({self.in_features} in, {self.out_features} out) is larger than the "
                 f"shared matrices (vera_A has {projection.max_in} columns, vera_B "
                 f"{projection.max_out} rows); draw them for the largest target, as apply_vera does")
-        if not isinstance(d_initial, (int, float)) or isinstance(d_initial, bool) \
-                or not math.isfinite(d_initial) or d_initial == 0:
-            raise ValueError("d_initial must be a finite non-zero number (lambda_b starts at 0, so "
-                             f"lambda_d = 0 would zero both gradients for good), got {d_initial!r}")
+        check_d_initial(d_initial)
         check_probability(dropout, "dropout")
         self.r, self.d_initial = projection.r, d_initial
         self.vera_projection = projection  # a child shared: the same module in every VeRA layer
@@ -246,6 +250,7 @@ def apply_vera(model: nn.Module, targets=ALL_LINEAR, r: int = DEFAULT_RANK,
     """
     check_int(r, "r (the rank)", low=1)
     check_seed(seed)
+    check_d_initial(d_initial)
     check_probability(dropout, "dropout")
     names = find_targets(model, targets)
     bases = [model.get_submodule(name) for name in names]

@@ -39,7 +39,7 @@ def tokens(seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def randomize_adapters(model: nn.Module, seed: int) -> None:
-    """Stand-in for training: every trainable tensor moved, so adapted outputs differ from the base."""
+    """Stand-in for training: every trainable tensor moved, so the outputs differ from the base."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:
@@ -469,7 +469,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
             adapters.read_adapter(directory)
         assert "\n" not in str(caught.value) and str(directory) in str(caught.value)
     # PEFT-style files (no config_sha256): field checks and unsupported options
-    tensors, metadata = adapter_files.safetensors_io.load_file(str(good / adapter_files.TENSOR_FILE))
+    tensors, _ = adapter_files.safetensors_io.load_file(str(good / adapter_files.TENSOR_FILE))
     nan = dict(tensors)
     key = next(iter(nan))
     nan[key] = torch.full_like(nan[key], float("nan"))
@@ -497,7 +497,8 @@ def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path)
     first, second = tmp_path / "first", tmp_path / "second"
     adapters.save_adapter(trained("lora", seed=1), first)
     adapters.save_adapter(lora.apply_lora(make_gpt(), PEFT_TARGETS, r=2, seed=0), second)
-    (first / adapter_files.TENSOR_FILE).write_bytes((second / adapter_files.TENSOR_FILE).read_bytes())
+    new_tensors = (second / adapter_files.TENSOR_FILE).read_bytes()
+    (first / adapter_files.TENSOR_FILE).write_bytes(new_tensors)  # killed before the config
     with pytest.raises(ValueError, match="config_sha256 differs.*interrupted"):
         adapters.read_adapter(first)
     (first / ".tmp-abc123").write_bytes(b"half a file")

@@ -1,11 +1,12 @@
 """Tests for lora.py: layer properties (Hypothesis), plumbing on the tiny GPT, PEFT as an oracle.
 
-References are computed in float64 from the very tensors the code under test used (x, W, b, A, B), so
-what is left is the rounding of the format under test. A sum of n terms computed in floating point
-errs by at most about n·u·Σ|terms| (u = eps/2; Higham, "Accuracy and Stability of Numerical
-Algorithms", section 3.1), whatever the cancellation in the result. So tolerances are absolute,
-TOL[dtype] · scale, where `scale` is the largest Σ|terms| of the tensor: the same formula evaluated on
-the absolute values of its inputs (every formula here is a sum of products with positive weights).
+References are computed in float64 from the very tensors the code under test used (x, W, b, A,
+B), so what is left is the rounding of the format under test. A sum of n terms computed in
+floating point errs by at most about n·u·Σ|terms| (u = eps/2; Higham, "Accuracy and Stability of
+Numerical Algorithms", section 3.1), whatever the cancellation in the result. So tolerances are
+absolute, TOL[dtype] · scale, where `scale` is the largest Σ|terms| of the tensor: the same formula
+evaluated on the absolute values of its inputs (every formula here is a sum of products with
+positive weights).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ TOL = {
     # to go the same way; they add like a random walk, ~sqrt(n)·u = 6e-7. Over 3000 random cases of
     # these strategies the largest error was 1.4e-7 (forward) and 1.9e-7 (gradients).
     torch.float32: 1e-6,
-    # 16-bit bases: products are accumulated in float32 (negligible), then the result is rounded to
-    # 16 bits once (base output), the adapter sum once more: 2u = eps (seen: 0.4 eps forward, 0.6 eps
-    # for dL/dx).
+    # 16-bit bases: products are accumulated in float32 (negligible), then the result is rounded
+    # to 16 bits once (base output), the adapter sum once more: 2u = eps (seen: 0.4 eps forward,
+    # 0.6 eps for dL/dx).
     torch.bfloat16: 2 ** -7,  # bfloat16 eps
     torch.float16: 2 ** -10,  # float16 eps
 }
@@ -51,8 +52,8 @@ FAST_PATH_TOL = {torch.float64: 2 * TOL[torch.float64], torch.float32: 2 * TOL[t
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """These tensors are tiny: with the 2 cores shared, OpenMP's thread hand-offs cost up to 100x the
-    arithmetic (a tiny GPT forward: 180 ms on 2 threads under load, 0.5 ms on 1)."""
+    """These tensors are tiny: with the 2 cores shared, OpenMP's thread hand-offs cost up to 100x
+    the arithmetic (a tiny GPT forward: 180 ms on 2 threads under load, 0.5 ms on 1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -65,7 +66,8 @@ def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reference(f, *tensors):
-    """f evaluated exactly enough (float64), and its scale: max of f on the inputs' absolute values."""
+    """f evaluated exactly enough (float64), and its scale: max of f on the inputs' absolute
+    values."""
     exact = f(*(t.detach().double() for t in tensors))
     scale = f(*(t.detach().double().abs() for t in tensors)).abs().max().item()
     return exact, scale
@@ -103,7 +105,8 @@ class Case:
                                 generator=g)
         if trained:
             with torch.no_grad():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g,
+                                               dtype=torch.float64))
         x = torch.randn(*self.lead, self.in_features, generator=g, dtype=torch.float64)
         return layer, x.to(self.dtype)
 
@@ -136,7 +139,7 @@ def forward_formula(s: float):
     return f
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layer-level properties.
 
 @given(cases(MERGE_DTYPES), st.sampled_from([0.0, 0.1, 0.5]))
@@ -158,8 +161,9 @@ def test_fresh_adapter_equals_base_exactly(case, p):
 
 @given(cases())
 def test_init_matches_nn_linear_and_formula(case):
-    """A: Kaiming-uniform (a = sqrt 5), bit for bit what nn.Linear(in, r) draws from the same seed,
-    whether seeded through the global RNG or a generator; B = 0; scaling; trainable count r·(in+out)."""
+    """A: Kaiming-uniform (a = sqrt 5), bit for bit what nn.Linear(in, r) draws from the same
+    seed, whether seeded through the global RNG or a generator; B = 0; scaling; trainable count
+    r·(in+out)."""
     base = nn.Linear(case.in_features, case.out_features, dtype=case.dtype)
     dt = adapter_dtype(case.dtype)
     torch.manual_seed(case.seed)
@@ -225,7 +229,7 @@ def test_merge_unmerge_restores_weight_and_both_are_idempotent(case):
     s = case.scaling()
     delta, delta_scale = reference(lambda A, B: s * B @ A, layer.lora_A, layer.lora_B)
     finfo = torch.finfo(case.dtype)
-    subnormal_step = finfo.smallest_normal * finfo.eps  # rounding near zero is absolute, not relative
+    subnormal_step = finfo.smallest_normal * finfo.eps  # near zero rounding is absolute
     layer.merge()
     W1 = layer.base.weight.detach().clone()
     assert layer.merged and W1.dtype == case.dtype
@@ -242,8 +246,9 @@ def test_merge_unmerge_restores_weight_and_both_are_idempotent(case):
     layer.unmerge()
     assert torch.equal(layer.base.weight, W2)
     # W2 = fl(W1 - fl(ΔW)) = fl(W0 + e) with e the merge's rounding: |W2 - W0| <= u|W1| + u|W2|
-    # <= eps·|W0| + u·|ΔW| (+ one subnormal step): W0 comes back up to one rounding. (The atol below
-    # allows 2u·|ΔW| for bfloat16's double rounding: the sum is rounded to float32, then to 16 bits.)
+    # <= eps·|W0| + u·|ΔW| (+ one subnormal step): W0 comes back up to one rounding. (The atol
+    # below allows 2u·|ΔW| for bfloat16's double rounding: the sum is rounded to float32, then to
+    # 16 bits.)
     torch.testing.assert_close(W2, W0, rtol=finfo.eps,
                                atol=finfo.eps * delta.abs().max().item() + subnormal_step)
 
@@ -269,15 +274,16 @@ def test_gradients_are_analytic_and_only_adapters_get_them(case):
     # dx: base part rounded, adapter part rounded, their sum rounded: 3u·scale <= TOL for 16 bits
     exact, scale = reference(lambda g, W, A, B: g @ W + s * g @ B @ A, g, W, A, B)
     assert_near(x.grad, exact, scale, TOL[case.dtype])
-    assert layer.base.weight.grad is None and (layer.base.bias is None or layer.base.bias.grad is None)
+    assert layer.base.weight.grad is None
+    assert layer.base.bias is None or layer.base.bias.grad is None
     assert not layer.base.weight.requires_grad
 
 
 @given(cases(dtypes=(torch.float32, torch.float64)), st.sampled_from([0.1, 0.5, 0.9]),
        st.integers(0, 2 ** 32 - 1))
 def test_dropout_on_adapter_input_only(case, p, dropout_seed):
-    """Train mode: h = x W^T + b + s·(m ⊙ x / (1-p)) A^T B^T, m ~ Bernoulli(1-p) drawn from the global
-    RNG as nn.Dropout does; the base part sees the undropped x. Eval mode: no dropout."""
+    """Train mode: h = x W^T + b + s·(m ⊙ x / (1-p)) A^T B^T, m ~ Bernoulli(1-p) drawn from the
+    global RNG as nn.Dropout does; the base part sees the undropped x. Eval mode: no dropout."""
     layer, x = case.build(dropout=p)
     W, b, A, B = case.weights(layer)
     s = case.scaling()
@@ -299,9 +305,9 @@ def test_dropout_on_adapter_input_only(case, p, dropout_seed):
 
 @given(cases())
 def test_add_low_rank_keeps_y_and_add_low_rank__adds_into_it(case):
-    """The layer adds the low-rank term into the base's fresh output (`add_low_rank_`, no copy of the
-    activations); the pure `add_low_rank` returns a new tensor with the same bits and leaves y alone,
-    and so does `add_low_rank_` when y's dtype is not the adapter's (it sums in a copy)."""
+    """The layer adds the low-rank term into the base's fresh output (`add_low_rank_`, no copy of
+    the activations); the pure `add_low_rank` returns a new tensor with the same bits and leaves y
+    alone, and so does `add_low_rank_` when y's dtype is not the adapter's (it sums in a copy)."""
     layer, x = case.build()
     W, b, A, B = (t.detach() for t in case.weights(layer))
     x2 = x.reshape(-1, case.in_features)  # (N, in)
@@ -360,9 +366,20 @@ def test_rank_beyond_both_widths_is_refused_before_allocating():
     with pytest.raises(ValueError, match=r"r \(the rank\) = 6 .*\(3 in, 5 out\)"):
         lora.LoRALinear(nn.Linear(3, 5), 6, 4.0)
     model = make_gpt()
-    with pytest.raises(ValueError, match=r"r \(the rank\) = 1000000000000 .*'blocks.0.attn.q_proj'"):
+    with pytest.raises(ValueError, match=r"= 1000000000000 .*'blocks.0.attn.q_proj'"):
         lora.apply_lora(model, r=10**12)
     assert not adapters.adapter_layers(model)
+
+
+def test_bad_options_are_refused_before_apply_lora_touches_the_model():
+    model = make_gpt()
+    flags = [p.requires_grad for p in model.parameters()]
+    for kwargs, match in [(dict(alpha=-1.0), "alpha"), (dict(dropout=1.0), "dropout"),
+                          (dict(rslora=1), "rslora"), (dict(r=0), "rank")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            lora.apply_lora(model, **kwargs)
+    assert not adapters.adapter_layers(model)
+    assert [p.requires_grad for p in model.parameters()] == flags  # nothing frozen either
 
 
 def test_a_0d_input_is_a_clear_error():
@@ -371,7 +388,7 @@ def test_a_0d_input_is_a_clear_error():
         layer(torch.tensor(1.0))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A quantized-style base (what qlora.NF4Linear provides): `dequantized_weight()`, `linear_like`.
 
 class FakeQuantizedLinear(nn.Module):
@@ -406,10 +423,11 @@ def test_quantized_base_forward_and_merge():
         layer.merge()
     merged = adapters.merge_adapters(model)
     assert type(merged[0]) is nn.Linear
-    assert torch.equal(merged[0].weight, W + layer.delta_weight()) and torch.equal(merged[0].bias, b)
+    assert torch.equal(merged[0].weight, W + layer.delta_weight())
+    assert torch.equal(merged[0].bias, b)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model-level plumbing on the tiny GPT.
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -443,7 +461,8 @@ gpt_shapes = dict(n_layer=st.integers(1, 2), n_embd=st.sampled_from([16, 24, 32]
 
 
 @given(**gpt_shapes)
-def test_all_linear_adapts_block_linears_freezes_the_rest_and_starts_at_base(n_layer, n_embd, r, seed):
+def test_all_linear_adapts_block_linears_freezes_the_rest_and_starts_at_base(n_layer, n_embd, r,
+                                                                              seed):
     model = make_gpt(seed, n_layer, n_embd)
     base_logits, _ = model(tokens(seed))
     targets = linear_names(model)
@@ -454,7 +473,7 @@ def test_all_linear_adapts_block_linears_freezes_the_rest_and_starts_at_base(n_l
     assert type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{t}.lora_{m}" for t in targets for m in "AB"}
-    # r·(in + out) per layer: q, k, v, o are C -> C; up is C -> 4C and down 4C -> C: 18·r·C per block
+    # r·(in + out) per layer: q, k, v, o are C -> C; up is C -> 4C and down 4C -> C: 18·r·C a block
     assert adapters.count_trainable(model) == n_layer * 18 * r * n_embd
     assert model.num_parameters() == make_gpt(seed, n_layer, n_embd).num_parameters() + \
         n_layer * 18 * r * n_embd
@@ -480,7 +499,7 @@ def test_apply_lora_seed_is_deterministic():
     assert not any(torch.equal(states[0][k], states[2][k]) for k in states[0] if k.endswith("A"))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PEFT as the oracle: the same base layer and the same A, B.
 
 @pytest.fixture(scope="module")
@@ -498,8 +517,9 @@ class OneLinear(nn.Module):
 
 
 def test_init_matches_peft_under_the_same_seed(peft):
-    """PEFT builds lora_A = nn.Linear(in, r) and lora_B = nn.Linear(r, out) (each drawing its default
-    init), then re-draws lora_A Kaiming-uniform: ours equals that third draw after skipping two."""
+    """PEFT builds lora_A = nn.Linear(in, r) and lora_B = nn.Linear(r, out) (each drawing its
+    default init), then re-draws lora_A Kaiming-uniform: ours equals that third draw after skipping
+    two."""
     for in_f, out_f, r in [(7, 5, 3), (1, 4, 3), (48, 2, 9)]:  # r <= max(in, out)
         base = nn.Linear(in_f, out_f)
         torch.manual_seed(0)
