@@ -354,7 +354,7 @@ def fail(message, status: int):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="sample.py", description=__doc__.split("\n")[0],
+    p = Parser(prog="sample.py", description="Sample text from a run that train.py wrote.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=folder, default="runs", help="the run folder train.py wrote")
     p.add_argument("--method", default="lora", choices=("base", "full", "lora", "qlora", "dora",
@@ -367,7 +367,7 @@ def build_parser() -> Parser:
     p.add_argument("--temperature", type=checked(check_number, float, low=0, low_open=True),
                    default=1.0, help="divides the logits; below 1 is more conservative")
     p.add_argument("--top-k", type=checked(check_int, low=1), default=None,
-                   help="draw from the k likeliest characters only (default: all)")
+                   help="draw only from the k likeliest characters (None: from all)")
     return p
 
 

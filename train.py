@@ -342,7 +342,7 @@ def build_parser() -> Parser:
     p = Parser(prog="train.py", description=__doc__.split("\n")[0])
     positive, count = checked(check_number, float, low=0, low_open=True), checked(check_int, low=1)
     add = p.add_argument
-    add("--method", default="all", help=f"'all' or a comma-separated list of {METHODS}")
+    add("--method", default="all", help=f"'all' or some of {','.join(METHODS)}")
     add("--steps", type=count, help="fine-tuning steps per method")
     add("--pretrain-steps", type=count, help="pretraining steps")
     add("--seed", type=checked(check_int, low=0, high=SEED_MAX), help="seeds every random draw")
