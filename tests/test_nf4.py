@@ -1,9 +1,13 @@
-"""Tests for nf4.py: properties of the format, edge cases, and bitsandbytes as the byte-level oracle.
+"""Tests for nf4.py: properties of the format, the fast paths against the plain math, edge cases
+and bad input, and bitsandbytes as the byte-level oracle.
 
-Tolerances: bytes, indices, absmax, offsets and dequantized values that bitsandbytes also computes are
-compared with torch.equal (bit equality). Error bounds are per element, in float64, with the slack
-of float32 arithmetic and of the output dtype's rounding stated where they are used.
+Tolerances: bytes, indices, absmax, offsets and dequantized values that bitsandbytes also computes
+are compared with torch.equal (bit equality), and the fast paths with the plain functions by
+assert_same (bit equality, after a tolerance check that tells wrong math from other rounding).
+Error bounds are per element, in float64, with the slack of float32 arithmetic and of the output
+dtype's rounding stated where they are used.
 """
+import contextlib
 import copy
 import math
 
@@ -13,6 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import nf4
+from assertions import assert_same
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # log10 of the weight scale per input dtype: wide for float32/bfloat16, and within float16's normal
@@ -37,7 +42,39 @@ def weights(draw, max_numel=600):
     return w.to(dtype).reshape(dims)
 
 
+@st.composite
+def tie_weights(draw, max_numel=600):
+    """(w, blocksize) whose scaled values sit exactly on NF4 midpoints, their float32 neighbours,
+    the code values and zeros: each block holds +-2^e, so c_b = 2^e and s = w / 2^e exactly, in
+    full blocks (w * 2^-e) and a partial last one (w / 2^e) alike. Some blocks are all zero."""
+    blocksize = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES[:3]))
+    code = nf4.nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    pool = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                      torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([-0.0])])
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(1, max_numel))
+    w = pool[torch.randint(len(pool), (n,), generator=generator)]
+    signs = torch.rand(w[::blocksize].shape, generator=generator) < 0.5
+    w[::blocksize] = torch.where(signs, -1.0, 1.0)  # each block's absmax: exactly 1, then 2^e
+    zero_block = draw(st.integers(0, (n - 1) // blocksize))
+    w[zero_block * blocksize:(zero_block + 1) * blocksize] = 0.0
+    return w * 2.0 ** draw(st.integers(-60, 60)), blocksize
+
+
+@contextlib.contextmanager
+def chunk_sizes(quantize_values, dequantize_bytes):
+    """The fast paths work through chunks larger than these tests' weights: make them small."""
+    original = nf4.QUANTIZE_CHUNK_VALUES, nf4.DEQUANTIZE_CHUNK_BYTES
+    nf4.QUANTIZE_CHUNK_VALUES, nf4.DEQUANTIZE_CHUNK_BYTES = quantize_values, dequantize_bytes
+    try:
+        yield
+    finally:
+        nf4.QUANTIZE_CHUNK_VALUES, nf4.DEQUANTIZE_CHUNK_BYTES = original
+
+
 blocksizes = st.sampled_from(nf4.ALLOWED_BLOCKSIZES)
+chunks = st.sampled_from([(32, 16), (64, 48), (96, 2048), (4096, 64), (1 << 15, 1 << 16)])
 small_blocksizes = st.sampled_from((32, 64, 128))  # several blocks even in a small tensor
 
 
@@ -55,8 +92,10 @@ def test_nf4_code_structure_and_quantiles():
     # normalised by Phi^-1(offset). It differs from bitsandbytes' float32 route by rounding only.
     from scipy.stats import norm
     top = norm.ppf(nf4.NF4_OFFSET)
-    positive = norm.ppf(torch.linspace(nf4.NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1].numpy()) / top
-    negative = -norm.ppf(torch.linspace(nf4.NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1].numpy()) / top
+    def probabilities(count):
+        return torch.linspace(nf4.NF4_OFFSET, 0.5, count + 1, dtype=torch.float64)[:-1].numpy()
+    positive = norm.ppf(probabilities(8)) / top
+    negative = -norm.ppf(probabilities(7)) / top
     torch.testing.assert_close(code[8:].double(), torch.tensor(positive).flip(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(code[:7].double(), torch.tensor(negative), rtol=1e-6, atol=0)
     code.zero_()  # callers get copies: the cached table stays intact
@@ -76,41 +115,71 @@ def test_dynamic_code_structure():
 
 def test_storage_formula():
     assert nf4.nf4_bits_per_parameter(64, double_quant=False) == 4.5  # 4 + 32/64
-    assert round(nf4.nf4_bits_per_parameter(64, double_quant=True), 3) == 4.127  # sec. 3: 0.127 bits
+    # sec. 3: "0.127 bits"
+    assert round(nf4.nf4_bits_per_parameter(64, double_quant=True), 3) == 4.127
 
 
 # ----------------------------------------------------------------------------- nearest code
 def test_midpoints_take_the_lower_code():
-    for code in (nf4.nf4_code(), nf4.dynamic_code()):  # bracket lookup and bucketize paths
+    nearest_nf4 = [lambda s, code: nf4.nearest_code_index(s, code),
+                   lambda s, code: nf4.nearest_nf4_index_lookup(s)]  # the plain rule, the fast one
+    for code, rules in ((nf4.nf4_code(), nearest_nf4), (nf4.dynamic_code(), nearest_nf4[:1])):
         midpoints = (code[:-1] + code[1:]) / 2
         below = torch.nextafter(midpoints, torch.tensor(-2.0))
         above = torch.nextafter(midpoints, torch.tensor(2.0))
         lower = torch.arange(code.numel() - 1, dtype=torch.uint8)
-        assert torch.equal(nf4.nearest_code_index(midpoints, code), lower)
-        assert torch.equal(nf4.nearest_code_index(below, code), lower)
-        assert torch.equal(nf4.nearest_code_index(above, code), lower + 1)
+        for nearest in rules:
+            assert torch.equal(nearest(midpoints, code), lower)
+            assert torch.equal(nearest(below, code), lower)
+            assert torch.equal(nearest(above, code), lower + 1)
 
 
-@given(st.lists(st.floats(-1, 1, width=32), min_size=2, max_size=40, unique=True), st.integers(0, 2**31 - 1))
-def test_bracket_lookup_equals_bucketize(values, seed):
+@given(st.lists(st.floats(-1, 1, width=32), min_size=2, max_size=40, unique=True),
+       st.lists(st.floats(-2, 2, width=32), min_size=1, max_size=30))
+def test_nearest_code_index_counts_the_midpoints_below(values, scaled):
     code = torch.tensor(sorted(values), dtype=torch.float32)
     assume(bool((code[1:] > code[:-1]).all()))  # -0.0 and 0.0 are one value
+    midpoints = ((code[:-1] + code[1:]) / 2).tolist()  # float32 values, exactly as Python floats
+    scaled += midpoints + [-math.inf, math.inf, -0.0]
+    expected = [sum(m < s for m in midpoints) for s in scaled]  # the rule, one value at a time
+    assert nf4.nearest_code_index(torch.tensor(scaled), code).tolist() == expected
+
+
+def test_each_lookup_bin_holds_at_most_one_nf4_midpoint():
+    code = nf4.nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    bins = midpoints.mul(nf4.LOOKUP_BINS // 2).add(nf4.LOOKUP_BINS // 2).int()  # trunc(32 m + 32)
+    assert bool((bins[1:] > bins[:-1]).all())  # what nearest_nf4_index_lookup relies on
+    tables = nf4._fast_tables(torch.device("cpu"))
+    count_below, midpoint_in_bin = tables["count_below"].long(), tables["midpoint_in_bin"]
+    assert count_below.tolist() == [int((bins < b).sum()) for b in range(nf4.LOOKUP_BINS + 1)]
+    assert torch.equal(midpoint_in_bin[bins.long()], midpoints)
+    assert int(torch.isfinite(midpoint_in_bin).sum()) == 15  # +inf in the other 50 bins
+
+
+@given(st.lists(st.floats(-1 - 2.0**-22, 1 + 2.0**-22, width=32), max_size=200),
+       st.integers(0, 2**31 - 1))
+def test_nf4_lookup_equals_plain_nearest_code(values, seed):
+    code = nf4.nf4_code()
     midpoints = (code[:-1] + code[1:]) / 2
     generator = torch.Generator().manual_seed(seed)
-    edges = torch.tensor([-1.0, 1.0, -0.0, 1.0000001, -3.0, 2.5, -math.inf, math.inf])
-    scaled = torch.cat([torch.rand(500, generator=generator) * 2 - 1, midpoints, code,
-                        torch.nextafter(midpoints, torch.tensor(2.0)), edges])
-    expected = torch.bucketize(scaled, midpoints, right=False)  # #(midpoints < s), the reference rule
-    assert torch.equal(nf4.nearest_code_index(scaled, code).long(), expected)
+    edge = torch.tensor(1 + 2.0**-22)
+    scaled = torch.cat([torch.tensor(values, dtype=torch.float32), midpoints, code, -code,
+                        torch.nextafter(midpoints, torch.tensor(2.0)), torch.tensor([-0.0]),
+                        torch.nextafter(midpoints, torch.tensor(-2.0)), edge.view(1), -edge.view(1),
+                        torch.rand(300, generator=generator) * 2 - 1])
+    assert_same(nf4.nearest_nf4_index_lookup(scaled), nf4.nearest_code_index(scaled, code), "k")
 
 
 @given(weights(), small_blocksizes, st.sampled_from(["nf4", "dynamic"]))
 def test_quantize_blockwise_picks_nearest_code(w, blocksize, table):
     code = nf4.nf4_code() if table == "nf4" else nf4.dynamic_code()
     indices, absmax = nf4.quantize_blockwise(w, code, blocksize)
-    assert indices.shape == w.shape and indices.dtype == torch.uint8 and int(indices.max()) < code.numel()
+    assert indices.shape == w.shape and indices.dtype == torch.uint8
+    assert int(indices.max()) < code.numel()
     x = w.reshape(-1).double()
-    blocks_absmax = torch.stack([b.abs().max() for b in x.split(blocksize)])  # a Python loop: the reference
+    # a Python loop over blocks: the reference
+    blocks_absmax = torch.stack([b.abs().max() for b in x.split(blocksize)])
     assert torch.equal(absmax.double(), blocks_absmax)
     scaled = x / per_element_absmax(blocks_absmax, blocksize, x.numel()).clamp(min=nf4.ABSMAX_FLOOR)
     distance = (scaled.unsqueeze(1) - code.double()).abs()  # (n, K)
@@ -126,28 +195,54 @@ def test_dequantized_values_are_block_scaled_code_values(w, blocksize, double_qu
     indices = nf4.unpack_nibbles(q.packed, w.numel())
     assert int(indices.max()) <= 15 and q.absmax.numel() == -(-w.numel() // blocksize)
     scales = per_element_absmax(nf4.nf4_absmax(q), blocksize, w.numel())
-    expected = (nf4.nf4_code()[indices.long()] * scales).to(w.dtype)  # float32 product, one rounding
-    out = nf4.dequantize_nf4(q)
-    assert out.dtype == w.dtype and out.shape == w.shape
-    assert torch.equal(out.reshape(-1), expected)
-    assert torch.equal(nf4.dequantize_nf4(q, torch.float32).reshape(-1), nf4.nf4_code()[indices.long()] * scales)
+    values = nf4.nf4_code()[indices.long()] * scales  # float32 product
+    expected = values.to(w.dtype)  # one rounding
+    for dequantize in (nf4.dequantize_nf4, nf4.dequantize_nf4_plain):
+        out = dequantize(q)
+        assert out.dtype == w.dtype and out.shape == w.shape
+        assert torch.equal(out.reshape(-1), expected)
+        assert torch.equal(dequantize(q, torch.float32).reshape(-1), values)
 
 
-@given(weights(), st.sampled_from([32, 64]), st.booleans(), st.sampled_from([32, 96]))
-def test_dequantize_in_chunks_is_the_same_as_in_one_piece(w, blocksize, double_quant, chunk_bytes):
-    # dequantize_nf4 works through DEQUANTIZE_CHUNK_BYTES packed bytes at a time, more than these
-    # weights hold: make the chunks small (whole blocks each, a partial block and the odd-count pad
-    # in the last) and compare with the formula on the whole tensor at once.
-    q = nf4.quantize_nf4(w, blocksize, double_quant)
-    scales = per_element_absmax(nf4.nf4_absmax(q), blocksize, w.numel())
-    expected = nf4.nf4_code()[nf4.unpack_nibbles(q.packed, w.numel()).long()] * scales  # (n,) float32
-    original = nf4.DEQUANTIZE_CHUNK_BYTES
-    try:
-        nf4.DEQUANTIZE_CHUNK_BYTES = chunk_bytes
-        for dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(nf4.dequantize_nf4(q, dtype).reshape(-1), expected.to(dtype))
-    finally:
-        nf4.DEQUANTIZE_CHUNK_BYTES = original
+# ----------------------------------------------------------------------------- fast = plain
+def assert_same_weight(fast, plain):
+    assert fast.metadata() == plain.metadata()
+    assert fast.tensors().keys() == plain.tensors().keys()
+    for name, tensor in plain.tensors().items():
+        assert_same(fast.tensors()[name], tensor, name, blocksize=fast.blocksize)
+
+
+@given(st.one_of(st.tuples(weights(), blocksizes), tie_weights()), st.booleans(), chunks)
+def test_fast_quantize_equals_plain(weight_and_blocksize, double_quant, chunk):
+    w, blocksize = weight_and_blocksize
+    with chunk_sizes(*chunk):  # chunks of whole blocks, the last one partial
+        assert_same_weight(nf4.quantize_nf4(w, blocksize, double_quant),
+                           nf4.quantize_nf4_plain(w, blocksize, double_quant))
+
+
+@given(st.one_of(st.tuples(weights(), blocksizes), tie_weights()), st.booleans(), chunks,
+       st.sampled_from([None, *DTYPES]))
+def test_fast_dequantize_equals_plain(weight_and_blocksize, double_quant, chunk, dtype):
+    w, blocksize = weight_and_blocksize
+    q = nf4.quantize_nf4_plain(w, blocksize, double_quant)
+    with chunk_sizes(*chunk):
+        assert_same(nf4.dequantize_nf4(q, dtype), nf4.dequantize_nf4_plain(q, dtype), "w^")
+
+
+@given(st.integers(1, 3000), blocksizes, st.integers(0, 2**31 - 1), chunks)
+def test_fast_dequantize_of_any_bytes_equals_plain(n, blocksize, seed, chunk):
+    # every byte and nested code, not only those a quantization produces; scales of either sign
+    generator = torch.Generator().manual_seed(seed)
+    nblocks = -(-n // blocksize)
+    def random_bytes(count):
+        return torch.randint(0, 256, (count,), generator=generator, dtype=torch.uint8)
+    nested_absmax = torch.randn(-(-nblocks // 256), generator=generator)
+    q = nf4.NF4Weight(random_bytes((n + 1) // 2), random_bytes(nblocks), nested_absmax,
+                      torch.randn((), generator=generator), (n,), torch.float32, blocksize,
+                      nf4.NESTED_BLOCKSIZE)
+    with chunk_sizes(*chunk):
+        for dtype in DTYPES:
+            assert_same(nf4.dequantize_nf4(q, dtype), nf4.dequantize_nf4_plain(q, dtype), "w^")
 
 
 @given(weights(), blocksizes)
@@ -163,7 +258,8 @@ def test_largest_magnitude_in_each_block_is_exact(w, blocksize):
 @given(weights(), blocksizes, st.booleans())
 def test_quantize_of_dequantize_is_a_fixed_point(w, blocksize, double_quant):
     q = nf4.quantize_nf4(w, blocksize, double_quant)
-    if double_quant:  # a scale that double quantization pushed to <= 0 flips its block: no fixed point
+    # a scale that double quantization pushed to <= 0 flips its block: no fixed point
+    if double_quant:
         true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax
         assume(bool((nf4.nf4_absmax(q)[true_absmax > 0] > 0).all()))
     again = nf4.quantize_nf4(nf4.dequantize_nf4(q), blocksize, double_quant)
@@ -176,7 +272,8 @@ def test_quantize_of_dequantize_is_a_fixed_point(w, blocksize, double_quant):
 def test_round_trip_error_is_bounded(w, blocksize, double_quant):
     code = nf4.nf4_code().double()
     half_widest_gap = (code[1:] - code[:-1]).max() / 2  # 0.1519, between -1.0 and -0.6962
-    true_absmax = per_element_absmax(nf4.quantize_nf4(w, blocksize, False).absmax.double(), blocksize, w.numel())
+    true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax.double()
+    true_absmax = per_element_absmax(true_absmax, blocksize, w.numel())
     q = nf4.quantize_nf4(w, blocksize, double_quant)
     used_absmax = per_element_absmax(nf4.nf4_absmax(q).double(), blocksize, w.numel())
     error = (w.reshape(-1).double() - nf4.dequantize_nf4(q).reshape(-1).double()).abs()
@@ -194,7 +291,8 @@ def test_pack_unpack_round_trip_and_layout(values):
     indices = torch.tensor(values, dtype=torch.uint8)
     packed = nf4.pack_nibbles(indices)
     padded = values + [nf4.NF4_ZERO_INDEX] * (len(values) % 2)
-    assert packed.tolist() == [16 * padded[i] + padded[i + 1] for i in range(0, len(padded), 2)]  # even: high
+    # the even element in the high nibble
+    assert packed.tolist() == [16 * padded[i] + padded[i + 1] for i in range(0, len(padded), 2)]
     assert torch.equal(nf4.unpack_nibbles(packed, len(values)), indices)
 
 
@@ -207,7 +305,8 @@ def test_results_depend_only_on_flattened_values(w, blocksize, double_quant):
     for name, tensor in q.tensors().items():
         assert torch.equal(tensor, r.tensors()[name]), name
     assert torch.equal(nf4.dequantize_nf4(r).reshape(w.shape), nf4.dequantize_nf4(q))
-    transposed = nf4.quantize_nf4(w.t().contiguous().t(), blocksize, double_quant) if w.dim() == 2 else q
+    non_contiguous = w.t().contiguous().t() if w.dim() == 2 else w
+    transposed = nf4.quantize_nf4(non_contiguous, blocksize, double_quant)
     assert torch.equal(transposed.packed, q.packed)  # non-contiguous input, same flattened values
 
 
@@ -237,7 +336,8 @@ def test_storage_accounting(double_quant):
     expected_bytes = n // 2 + (nblocks + 4 * (nblocks // 256) + 4 if double_quant else 4 * nblocks)
     assert q.numel == n and q.nbytes == expected_bytes
     theory = nf4.nf4_bits_per_parameter(blocksize, double_quant)
-    assert q.bits_per_parameter == pytest.approx(theory + (32 / n if double_quant else 0), rel=1e-12)
+    offset_bits = 32 / n if double_quant else 0
+    assert q.bits_per_parameter == pytest.approx(theory + offset_bits, rel=1e-12)
 
 
 def test_tensors_buffers_state_dict_round_trip():
@@ -250,7 +350,8 @@ def test_tensors_buffers_state_dict_round_trip():
         module.register_buffer(name, tensor)
         fresh.register_buffer(name, torch.zeros_like(tensor))
     fresh.load_state_dict(module.state_dict())
-    restored = nf4.NF4Weight.from_tensors({name: getattr(fresh, name) for name in q.tensors()}, **q.metadata())
+    buffers = {name: getattr(fresh, name) for name in q.tensors()}
+    restored = nf4.NF4Weight.from_tensors(buffers, **q.metadata())
     assert torch.equal(nf4.dequantize_nf4(restored), nf4.dequantize_nf4(q))
     moved = q.to("cpu")
     assert moved is not q and moved.metadata() == q.metadata()
@@ -315,23 +416,40 @@ def test_scalar_and_requires_grad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.uint8, torch.bool, torch.float64])
 def test_unsupported_dtype_is_a_type_error(dtype):
-    with pytest.raises(TypeError, match="w must be a float32, float16 or bfloat16 tensor"):
+    expected = "w must have dtype torch.float32 or torch.float16 or torch.bfloat16"
+    with pytest.raises(TypeError, match=expected):
         nf4.quantize_nf4(torch.ones(64, dtype=dtype))
     with pytest.raises(TypeError, match="dtype"):
         nf4.dequantize_nf4(nf4.quantize_nf4(torch.ones(64)), dtype)
 
 
-@pytest.mark.parametrize("blocksize", [100, 16, 8192, 0, -64, 64.0, True])
-def test_disallowed_blocksize_is_a_value_error(blocksize):
-    with pytest.raises(ValueError, match=r"blocksize must be a power of two in \[32, 4096\], got"):
-        nf4.quantize_nf4(torch.ones(64), blocksize)
+@pytest.mark.parametrize("blocksize, message", [
+    (100, r"blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096; got 100"),
+    (16, r"blocksize must be an int.*32.*4096.*, got 16"), (8192, "got 8192"), (0, "got 0"),
+    (-64, "got -64"), (64.0, r"blocksize must be an int.*, got 64\.0"), (True, "got True")])
+def test_disallowed_blocksize_is_a_value_error(blocksize, message):
+    for quantize in (nf4.quantize_nf4, nf4.quantize_nf4_plain):
+        with pytest.raises(ValueError, match=message):
+            quantize(torch.ones(64), blocksize)
+    with pytest.raises(ValueError, match="my_blocksize must be"):
+        nf4.check_blocksize(blocksize, "my_blocksize")
+    assert nf4.check_blocksize(64) == 64
 
 
 def test_bad_code_table_is_rejected():
     with pytest.raises(ValueError, match="code"):
         nf4.quantize_blockwise(torch.ones(64), nf4.nf4_code().flip(0), 64)
-    with pytest.raises(ValueError, match="code"):
+    with pytest.raises(TypeError, match="code must have dtype torch.float32"):
         nf4.quantize_blockwise(torch.ones(64), nf4.nf4_code().double(), 64)
+
+
+def test_nf4_py_keeps_the_reading_limits():
+    """Issue 13: a module is at most 350 lines; no line there or here over 100 characters."""
+    for path, max_lines in ((nf4.__file__, 350), (__file__, None)):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        assert max_lines is None or len(lines) <= max_lines, (path, len(lines))
+        assert [i for i, line in enumerate(lines, 1) if len(line) > 100] == [], path
 
 
 # ----------------------------------------------------------------------------- bitsandbytes oracle
@@ -355,8 +473,9 @@ def bnb_dequantize(bnb, packed, state, shape):
 
     Its AVX-512 CPU kernel (taken when the last dimension is a multiple of 16) looks up the scale of
     row r, column c at absmax[r * (cols // blocksize) + c // blocksize], which is wrong when blocks
-    cross rows: (8, 32) with blocksize 64 comes back with the wrong scales (bitsandbytes 0.50.2). On a
-    single row that lookup is right, so the oracle is bnb's dequantization of the flattened tensor.
+    cross rows: (8, 32) with blocksize 64 comes back with the wrong scales (bitsandbytes 0.50.2).
+    On a single row that lookup is right, so the oracle is bnb's dequantization of the flattened
+    tensor.
     """
     flat_state = copy.copy(state)
     flat_state.shape = torch.Size([math.prod(shape)])
@@ -369,22 +488,24 @@ def bnb_handles_shape(shape, blocksize):
 
 
 def nf4_weight_from_bnb(packed, state, shape, double_quant):
-    return nf4.NF4Weight(packed.reshape(-1), state.absmax, state.state2.absmax if double_quant else None,
-                         state.offset if double_quant else None, shape, state.dtype, state.blocksize,
-                         nf4.NESTED_BLOCKSIZE if double_quant else None)
+    nested = (None,) * 3
+    if double_quant:
+        nested = (state.state2.absmax, state.offset, nf4.NESTED_BLOCKSIZE)
+    return nf4.NF4Weight(packed.reshape(-1), state.absmax, nested[0], nested[1], shape, state.dtype,
+                         state.blocksize, nested[2])
 
 
 def assert_nested_codes_nearest(ours, theirs, scales, q):
-    """bitsandbytes' CPU code picks the 8-bit code through a 65,536-bin table, which misses the exact
-    nearest code for about 0.15% of scales: ours must be at least as near everywhere."""
+    """bitsandbytes' CPU code picks the 8-bit code through a 65,536-bin table, which misses the
+    exact nearest code for about 0.15% of scales: ours must be at least as near everywhere."""
     dynamic = nf4.dynamic_code().double()
     nested = per_element_absmax(q.nested_absmax.double(), nf4.NESTED_BLOCKSIZE, scales.numel())
     target = (scales.double() - q.offset.double()) / nested.clamp(min=nf4.ABSMAX_FLOOR)
     our_distance = (dynamic[ours.long()] - target).abs()
     their_distance = (dynamic[theirs.long()] - target).abs()
     assert bool((our_distance <= their_distance + 2.0**-22).all())
-    # where a nested block's absmax is 0 (all its scales equal the mean) bnb writes code 0 and we the
-    # code of 0.0; both dequantize to exactly the offset
+    # where a nested block's absmax is 0 (all its scales equal the mean) bnb writes code 0 and we
+    # the code of 0.0; both dequantize to exactly the offset
     differ = (ours != theirs) & (nested != 0)
     return differ.double().mean().item()
 
@@ -393,7 +514,8 @@ def test_code_tables_match_bitsandbytes(bnb):
     assert torch.equal(nf4.nf4_code(), bnb.functional.get_4bit_type("nf4", device="cpu")[:16])
     assert torch.equal(nf4.dynamic_code(), bnb.functional.create_dynamic_map(signed=True))
     _, state = bnb_quantize(bnb, torch.randn(64), 64, True)
-    assert torch.equal(nf4.nf4_code(), state.code[:16]) and torch.equal(nf4.dynamic_code(), state.state2.code)
+    assert torch.equal(nf4.nf4_code(), state.code[:16])
+    assert torch.equal(nf4.dynamic_code(), state.state2.code)
 
 
 # sizes below, equal to and not a multiple of the blocksize; odd and even last dimensions (bnb takes
@@ -406,18 +528,20 @@ ORACLE_CASES = [((64,), 64), ((7,), 32), ((3, 100), 64), ((33, 65), 128), ((5, 4
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_same_bytes_as_bitsandbytes(bnb, shape, blocksize, dtype, double_quant):
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + blocksize)).to(dtype)
+    generator = torch.Generator().manual_seed(sum(shape) + blocksize)
+    w = torch.randn(shape, generator=generator).to(dtype)
     packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
     q = nf4.quantize_nf4(w, blocksize, double_quant)
     assert torch.equal(q.packed, packed.reshape(-1))
     if double_quant:
-        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax)
+        assert torch.equal(q.offset, state.offset)
+        assert torch.equal(q.nested_absmax, state.state2.absmax)
         scales = nf4.quantize_nf4(w, blocksize, False).absmax
         assert_nested_codes_nearest(q.absmax, state.absmax, scales, q)
     expected = bnb_dequantize(bnb, packed, state, shape)
     if not double_quant:
         assert torch.equal(q.absmax, state.absmax) and torch.equal(nf4.dequantize_nf4(q), expected)
-    # our dequantizer on bitsandbytes' own state, nested codes included, gives its values bit for bit
+    # our dequantizer on bitsandbytes' own state, nested codes included, gives its values exactly
     ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, shape, double_quant))
     assert torch.equal(ours, expected)
     if bnb_handles_shape(shape, blocksize):
@@ -428,27 +552,32 @@ def test_same_bytes_as_bitsandbytes(bnb, shape, blocksize, dtype, double_quant):
 def test_medium_matrix_matches_bitsandbytes(bnb, dtype):
     generator = torch.Generator().manual_seed(3)
     rows = torch.rand(256, 1, generator=generator) * 4 + 0.1  # varied row scales: varied absmax
-    w = (torch.randn(256, 1000, generator=generator) * rows).to(dtype)  # 4000 blocks, 16 nested, partial
+    # 4000 blocks, 16 nested blocks, the last partial
+    w = (torch.randn(256, 1000, generator=generator) * rows).to(dtype)
     packed, state = bnb_quantize(bnb, w, 64, True)
     q = nf4.quantize_nf4(w, 64, True)
     assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.offset, state.offset)
     assert torch.equal(q.nested_absmax, state.state2.absmax)
-    mismatch = assert_nested_codes_nearest(q.absmax, state.absmax, nf4.quantize_nf4(w, 64, False).absmax, q)
+    scales = nf4.quantize_nf4(w, 64, False).absmax
+    mismatch = assert_nested_codes_nearest(q.absmax, state.absmax, scales, q)
     assert mismatch < 0.01  # bitsandbytes reports ~0.15%
     expected = bnb.functional.dequantize_4bit(packed, state)  # 1000 % 16 != 0: bnb's scalar path
-    assert torch.equal(nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, True)), expected)
+    ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, True))
+    assert torch.equal(ours, expected)
 
 
 def test_ties_zero_blocks_and_partial_block_division_match_bitsandbytes(bnb):
     code = nf4.nf4_code()
     midpoints = (code[:-1] + code[1:]) / 2
     # absmax 1.0 makes the scaled values the midpoints themselves: each must take the lower code
-    ties = torch.cat([torch.tensor([1.0]), midpoints, -midpoints, torch.zeros(64 - 32), torch.tensor([-0.0])])
+    ties = torch.cat([torch.tensor([1.0]), midpoints, -midpoints, torch.zeros(64 - 32),
+                      torch.tensor([-0.0])])
     # a partial last block where x * (1/a) and x / a fall on opposite sides of the lowest midpoint
     a, x = float.fromhex("0x1.400f4ep+2"), -float.fromhex("0x1.0f7108p+2")
     a32, x32 = torch.tensor(a), torch.tensor(x)
     assert bool(x32 * a32.reciprocal() <= midpoints[0]) != bool(x32 / a32 <= midpoints[0])
-    w = torch.cat([ties, torch.zeros(64), torch.tensor([a, x, a, x]), torch.zeros(60), torch.tensor([a, x])])
+    w = torch.cat([ties, torch.zeros(64), torch.tensor([a, x, a, x]), torch.zeros(60),
+                   torch.tensor([a, x])])
     packed, state = bnb_quantize(bnb, w, 64, False)
     q = nf4.quantize_nf4(w, 64, False)
     assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
@@ -475,8 +604,10 @@ def test_random_weights_match_bitsandbytes(bnb, w, blocksize, double_quant):
     q = nf4.quantize_nf4(w, blocksize, double_quant)
     assert torch.equal(q.packed, packed.reshape(-1))
     if double_quant:
-        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax)
+        assert torch.equal(q.offset, state.offset)
+        assert torch.equal(q.nested_absmax, state.state2.absmax)
     else:
         assert torch.equal(q.absmax, state.absmax)
     expected = bnb_dequantize(bnb, packed, state, w.shape)
-    assert torch.equal(nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, double_quant)), expected)
+    ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, double_quant))
+    assert torch.equal(ours, expected)
