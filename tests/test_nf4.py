@@ -443,6 +443,56 @@ def test_bad_code_table_is_rejected():
         nf4.quantize_blockwise(torch.ones(64), nf4.nf4_code().double(), 64)
 
 
+# ----------------------------------------------------------------------------- bad input (issue 17)
+def test_meta_tensors_are_refused_naming_the_argument():
+    for quantize in (nf4.quantize_nf4, nf4.quantize_nf4_plain):
+        with pytest.raises(ValueError, match="w is a meta tensor"):
+            quantize(torch.empty(4, 64, device="meta"))
+    q = nf4.quantize_nf4(torch.randn(4, 64))
+    meta = {name: torch.empty_like(t, device="meta") for name, t in q.tensors().items()}
+    with pytest.raises(ValueError, match="packed is a meta tensor"):
+        nf4.NF4Weight.from_tensors(meta, **q.metadata())
+    unchecked = nf4.NF4Weight.from_tensors(meta, **q.metadata(), check_values=False)
+    for dequantize in (nf4.dequantize_nf4, nf4.dequantize_nf4_plain):
+        with pytest.raises(ValueError, match="q.packed is a meta tensor"):
+            dequantize(unchecked)
+
+
+@pytest.mark.parametrize("double_quant", ["yes", 1, None, 0.0])
+def test_double_quant_must_be_a_bool(double_quant):
+    for quantize in (nf4.quantize_nf4, nf4.quantize_nf4_plain):
+        with pytest.raises(TypeError, match="double_quant must be a bool"):
+            quantize(torch.randn(64), 64, double_quant)
+
+
+@pytest.mark.parametrize("q", [torch.zeros(64, dtype=torch.uint8), None, {"packed": 1}])
+def test_dequantize_needs_an_nf4_weight(q):
+    for dequantize in (nf4.dequantize_nf4, nf4.dequantize_nf4_plain):
+        with pytest.raises(TypeError, match="q must be an NF4Weight \\(from quantize_nf4\\), got"):
+            dequantize(q)
+
+
+@pytest.mark.parametrize("name", ["absmax", "nested_absmax", "offset"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_stored_scales_are_refused_naming_the_tensor(name, bad):
+    double_quant = name != "absmax"
+    q = nf4.quantize_nf4(torch.randn(3, 100), 64, double_quant)
+    tensors = {k: t.clone() for k, t in q.tensors().items()}
+    tensors[name].view(-1)[-1] = bad
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or Inf"):
+        nf4.NF4Weight.from_tensors(tensors, **q.metadata())
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or Inf"):
+        nf4.NF4Weight(*(tensors.get(k) for k in nf4.NF4Weight.TENSOR_FIELDS), **q.metadata())
+    # a caller that checked the tensors when they entered can skip the check on a rebuild
+    assert nf4.NF4Weight.from_tensors(tensors, **q.metadata(), check_values=False).numel == 300
+
+
+def test_wrong_nested_blocksize_is_refused():
+    q = nf4.quantize_nf4(torch.randn(100), 32)
+    with pytest.raises(ValueError, match="nested_blocksize must be one of None, 256"):
+        nf4.NF4Weight.from_tensors(q.tensors(), **{**q.metadata(), "nested_blocksize": 128})
+
+
 def test_nf4_py_keeps_the_reading_limits():
     """Issue 13: a module is at most 350 lines; no line there or here over 100 characters."""
     for path, max_lines in ((nf4.__file__, 350), (__file__, None)):
