@@ -7,10 +7,10 @@ torch.nn.Linear, so the product is X W^T; L1 L2 = s A^T B^T in lora.py's names):
     Y^BF16 = X^BF16 doubleDequant(c1^FP32, c2^k-bit, W^NF4)^T + X^BF16 L1^BF16 L2^BF16      (eq. 5)
     doubleDequant(c1, c2, W) = dequant(dequant(c1, c2), W^4bit) = W^BF16                    (eq. 6)
 
-c1 are the float32 scales of the scales (nested_absmax, offset), c2 the 8-bit scales (absmax codes)
-and W the 4-bit codes (packed): nf4.py stores and dequantizes them. "We dequantize the storage data
-type to the computation data type to perform the forward and backward pass, but we only compute
-weight gradients for the LoRA parameters" (sec. 3): the frozen base passes on dL/dX = dL/dY W only.
+c1: the float32 scales of the scales (nested_absmax, offset); c2: the 8-bit scales (absmax); W: the
+4-bit codes (packed); nf4.py holds them. "We dequantize the storage data type to the computation
+data type to perform the forward and backward pass, but we only compute weight gradients for the
+LoRA parameters" (sec. 3): the frozen base passes on dL/dX = dL/dY W only.
 
 Deviations from the paper:
 - Adapters are float32, not BF16 (lora.py's rule for a low-precision base): the adapter sum is taken
@@ -86,8 +86,7 @@ class _NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, q: nf4.NF4Weight, compute_dtype):
         ctx.quantized_weight, ctx.compute_dtype = q, compute_dtype
-        # Saved only for autograd's version counters: an in-place edit of the storage between
-        # forward and backward raises instead of returning the gradient of other weights.
+        # Saved for autograd's version counters: an edit in place before backward raises.
         ctx.save_for_backward(*q.tensors().values())
         W = double_dequant(q, compute_dtype)  # (out, in), a temporary
         return F.linear(x, W, bias)  # (..., in) @ (in, out) + (out,) -> (..., out)
@@ -111,8 +110,7 @@ def _nf4_linear(x, q, bias, compute_dtype) -> torch.Tensor:
 
 def _check_input(x, in_features: int) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must end in in_features={in_features}, got shape {tuple(x.shape)}")
 
@@ -137,8 +135,7 @@ class NF4Linear(nn.Module):
     `nested_absmax` and `offset`), the frozen unquantized `bias`, and `nf4_format` (int32 [out, in,
     blocksize, nested_blocksize or 0]) so that a state dict of another layout fails clearly; tensors
     only, as bitsandbytes'. Loading refuses NaN or Inf in the scales, offset and bias. Module casts
-    (`.double()`, `.to(dtype)`) move the storage but never cast it (that would round the scales).
-    """
+    (`.double()`, `.to(dtype)`) move the storage but never cast it (that would round the scales)."""
     linear_like = True  # found by adapters.find_targets, wrapped by lora.LoRALinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -192,9 +189,13 @@ class NF4Linear(nn.Module):
 
     @property
     def quantized_weight(self) -> nf4.NF4Weight:
-        """The NF4Weight over this layer's buffers (it follows .to() and loads)."""
-        return nf4.NF4Weight.from_tensors({n: self._buffers[n] for n in self._storage_names},
-                                          **self._metadata)
+        """The NF4Weight over this layer's buffers. Built and checked once, when they enter, and
+        again only when one is replaced (.to(), an assignment): not on every forward."""
+        q = self.__dict__.get("_quantized_weight")
+        if q is None or any(getattr(q, n) is not self._buffers[n] for n in self._storage_names):
+            q = self._quantized_weight = nf4.NF4Weight.from_tensors(
+                {n: self._buffers[n] for n in self._storage_names}, **self._metadata)
+        return q  # views the buffers, no copy: a load into them is seen at once
 
     def dequantized_weight(self) -> torch.Tensor:
         """W = doubleDequant(c1, c2, W) (eq. 6), (out, in), in the compute dtype."""
@@ -248,11 +249,10 @@ def quantize_model(model: nn.Module, targets=adapters.ALL_LINEAR,
                    compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> nn.Module:
     """Replace the target nn.Linears by NF4Linears, in place; returns `model`.
 
-    `targets` as in adapters.find_targets: "all-linear" is every linear in the blocks, the layers
-    `lora.apply_lora` adapts next. Not quantized by default: embeddings (a row lookup, no matmul:
-    eq. 5 is stated for a linear layer), norms (a few vectors), and `lm_head` (its error lands on
-    the logits with no adapter to absorb it; transformers keeps it unquantized "for numerical
-    stability reasons"). Other parameters keep their requires_grad.
+    `targets` as in adapters.find_targets: "all-linear", the linears in the blocks that
+    `lora.apply_lora` adapts next, leaves embeddings (a lookup: eq. 5 is for a linear layer), norms
+    and `lm_head` (no adapter absorbs its error; transformers keeps it unquantized "for numerical
+    stability reasons") as they are. Other parameters keep their requires_grad.
     """
     check_bool(double_quant, "double_quant")  # all checked before the first layer is replaced
     check_compute_dtype(compute_dtype)

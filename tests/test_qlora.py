@@ -297,6 +297,60 @@ def test_to_device_moves_every_buffer(device):
                                atol=ACCUMULATION_TOL[torch.float32] * scale)
 
 
+def tensors_held_by(layer: nn.Module) -> list:
+    """Every tensor the layer object references between calls: its attributes, parameters, buffers
+    and the fields of a cached nf4.NF4Weight."""
+    held = []
+    for value in vars(layer).values():
+        if isinstance(value, dict):
+            held += [t for t in value.values() if isinstance(t, torch.Tensor)]
+        elif isinstance(value, torch.Tensor):
+            held.append(value)
+        elif isinstance(value, nf4.NF4Weight):
+            held += list(value.tensors().values())
+    return held
+
+
+def test_the_nf4_weight_is_built_once_and_no_dense_weight_is_kept(monkeypatch):
+    """The per-call path does not rebuild (and re-check) the NF4Weight, and between steps the layer
+    holds nothing of the dense weight's size: only the 4-bit storage, statistics and the bias."""
+    layer = qlora.NF4Linear.from_linear(make_linear(128, 64, True, 0), compute_dtype=torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).sum().backward()
+    builds = []
+    original = nf4.NF4Weight.__post_init__
+    monkeypatch.setattr(nf4.NF4Weight, "__post_init__",
+                        lambda self, *args: builds.append(1) or original(self, *args))
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert builds == []
+    held = tensors_held_by(layer)
+    assert {id(t) for t in held} >= {id(getattr(layer, n)) for n in ("packed", "absmax")}
+    assert all(t.numel() <= 64 * 128 / 2 for t in held), [tuple(t.shape) for t in held]
+    assert all(t.numel() <= 64 for t in held if t.is_floating_point())  # bias and statistics
+
+
+def test_the_cached_nf4_weight_follows_loads_and_replaced_buffers():
+    """A load copies into the buffers the cached NF4Weight views; a buffer replaced by assignment
+    (or by .to(device)) is picked up on the next call."""
+    source = qlora.NF4Linear.from_linear(make_linear(100, 12, True, 0), 32,
+                                         compute_dtype=torch.float32)
+    target = qlora.NF4Linear.from_linear(make_linear(100, 12, True, 1), 32,
+                                         compute_dtype=torch.float32)
+    x = torch.randn(5, 100)
+    before = target(x)
+    target.load_state_dict(source.state_dict())
+    assert not torch.equal(target(x), before) and torch.equal(target(x), source(x))
+    other = qlora.NF4Linear.from_linear(make_linear(100, 12, True, 2), 32,
+                                        compute_dtype=torch.float32)
+    for name in ("packed", "absmax", "nested_absmax", "offset"):
+        setattr(target, name, getattr(other, name).clone())
+    with torch.no_grad():
+        target.bias.copy_(other.bias)
+    assert torch.equal(target(x), other(x))
+    assert torch.equal(target.dequantized_weight(), other.dequantized_weight())
+
+
 # --------------------------------------------------------------------------------------------------
 # The equations written out: eq. 6, eq. 5, and the input gradient by hand.
 
