@@ -334,7 +334,7 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
                           bits_per_parameter=report["bits_per_parameter"], float32_bytes=(
                               qlora.dense_weight_bytes(model, torch.float32)["quantized_layers"]))
     if isinstance(optimizer, PagedAdamW):
-        row["paging"] = optimizer.stats.as_dict()
+        row["paging"] = asdict(optimizer.stats)
     return row, model
 
 
