@@ -1,11 +1,13 @@
 """NF4: 4-bit NormalFloat weights with blockwise absmax scales and double quantization.
 
 QLoRA (Dettmers et al. 2023, arXiv:2305.14314), section 3, stores frozen base weights in this
-format; the bytes equal bitsandbytes' `quantize_4bit(w, quant_type="nf4")` (0.50.2, checked in
-tests/test_nf4.py). w: n values in blocks of B, the last may be partial; Phi^-1: normal quantiles.
+format. The bytes equal bitsandbytes' `quantize_4bit(w, quant_type="nf4")` (0.50.2, tested); where
+it departs from the paper, the function that follows it says how. Sections 1-5: the math below as
+plain functions, in the paper's order; section 6: the fast paths. w: n values in blocks of B.
 
-  NF4 code (sec. 3, "4-bit NormalFloat"): 8 positive values, 7 negative, an exact zero:
-      p_j = delta + (1/2 - delta) j/8  (j = 0..7),    p'_j = delta + (1/2 - delta) j/7  (j = 0..6)
+  NF4 code (sec. 3, "4-bit NormalFloat"), Phi^-1 the normal quantile function; 8 positive values,
+  7 negative, an exact zero:
+      p_j = delta + (1/2 - delta) j/8  (j = 0..7),  p'_j = delta + (1/2 - delta) j/7  (j = 0..6)
       q = sort{ Phi^-1(p_j) } U { -Phi^-1(p'_j) } U {0},  then q / max(q), in [-1, 1]
   blockwise absmax quantization (eq. 1):  c_b = max_{i in b} |w_i|,   s_i = w_i / c_b,
       k_i = #{ midpoints (q_k + q_k+1) / 2 below s_i }: the nearest code, a tie takes the lower
@@ -13,9 +15,6 @@ tests/test_nf4.py). w: n values in blocks of B, the last may be partial; Phi^-1:
   double quantization (sec. 3): the scales c2 = c are quantized once more,
       offset = mean(c2),   (codes, c1) = blockwise(c2 - offset, 8-bit dynamic map, 256)
       c2^ = dynamic[codes] * c1 + offset                                    (doubleDequant, eq. 6)
-
-Sections 1-5: this math as plain functions, in the paper's order (where bitsandbytes departs from
-the paper we follow it, and the function that does so says how). Section 6: the fast paths.
 """
 import functools
 import math
@@ -43,7 +42,6 @@ DYNAMIC_EXPONENT_BITS = 7  # bitsandbytes create_dynamic_map(signed=True, max_ex
 # not 0 * inf = NaN; its 4-bit path stores absmax 0 for a full block, 1e-38 for a partial last one.
 ABSMAX_FLOOR = 1e-38
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 # ----------------------------------------------------------------------------- 1. code tables
 @functools.lru_cache(maxsize=None)
@@ -76,16 +74,14 @@ def dynamic_code() -> torch.Tensor:
     """Dettmers' signed 8-bit dynamic tree map: 256 float32 values, sorted, 0.0 and 1.0 included."""
     return _dynamic_code().clone()
 
-
 # ----------------------------------------------------------------------------- 2. blockwise absmax
 def check_blocksize(blocksize, name: str = "blocksize") -> int:
     """An int in ALLOWED_BLOCKSIZES, the powers of two 32..4096 (bitsandbytes' quantize_4bit)."""
     return check_choice(check_int(blocksize, name, low=32, high=4096), name, ALLOWED_BLOCKSIZES)
 
 def nearest_code_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """k = #{float32 midpoints (code[k] + code[k+1]) / 2 below s}, uint8, scaled's shape: the
-    nearest code, and a value exactly on a midpoint takes the lower code (bitsandbytes' strict
-    `>`). bucketize with right=False counts the boundaries strictly below s."""
+    """k = #{float32 midpoints (code[k] + code[k+1]) / 2 below s} (bucketize, right=False), uint8:
+    the nearest code; a value exactly on a midpoint takes the lower one (bitsandbytes' strict >)."""
     midpoints = (code[:-1] + code[1:]) / 2  # (K-1,) float32
     return torch.bucketize(scaled, midpoints, right=False).to(torch.uint8)
 
@@ -129,7 +125,6 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torc
     scales = absmax.float().repeat_interleave(blocksize)[: values.numel()]  # (n,) c_b per element
     return (values * scales).to(dtype).view(indices.shape)
 
-
 # ----------------------------------------------------------------------------- 3. nibble packing
 def pack_nibbles(indices: torch.Tensor, pad_index: int = NF4_ZERO_INDEX) -> torch.Tensor:
     """Two 4-bit indices a byte: byte j = indices[2j] << 4 | indices[2j+1] (the even element in the
@@ -147,7 +142,6 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
                          f"with {packed.numel()} for n={n}")
     flat = packed.reshape(-1)  # (npacked,)
     return torch.stack([flat >> 4, flat & 0x0F], dim=1).view(-1)[:n]  # (npacked, 2) -> (n,)
-
 
 # ----------------------------------------------------------------------------- 4. double quant
 def double_quantize(absmax: torch.Tensor):
@@ -169,10 +163,8 @@ def double_dequantize(codes, nested_absmax, offset) -> torch.Tensor:
 def nf4_bits_per_parameter(blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> float:
     """Storage per weight of a large tensor (no odd-count pad, no offset): 4 + 32/64 = 4.5 bits,
     or with double quantization 4 + 8/64 + 32/(64 * 256) = 4.127 ("0.127 bits", sec. 3)."""
-    if not double_quant:
-        return NF4_BITS + FLOAT32_BITS / blocksize
-    return NF4_BITS + DYNAMIC_BITS / blocksize + FLOAT32_BITS / (blocksize * NESTED_BLOCKSIZE)
-
+    scale_bits = DYNAMIC_BITS + FLOAT32_BITS / NESTED_BLOCKSIZE if double_quant else FLOAT32_BITS
+    return NF4_BITS + scale_bits / blocksize  # bits of one weight + its share of its scale's
 
 # ----------------------------------------------------------------------------- 5. the NF4 weight
 @dataclass(frozen=True, eq=False)
@@ -257,9 +249,8 @@ def _nf4_weight(packed, absmax, w, blocksize, double_quant) -> NF4Weight:  # w i
 
 def dequantized_absmax(q: NF4Weight) -> torch.Tensor:
     """The float32 block scales c_b of q, double-dequantized (eq. 6) when stored that way."""
-    if q.nested_blocksize is None:
-        return q.absmax
-    return double_dequantize(q.absmax, q.nested_absmax, q.offset)
+    nested = q.nested_blocksize is not None
+    return double_dequantize(q.absmax, q.nested_absmax, q.offset) if nested else q.absmax
 
 nf4_absmax = dequantized_absmax  # the earlier name
 
@@ -279,11 +270,9 @@ def dequantize_nf4_plain(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
     values = dequantize_blockwise(indices, dequantized_absmax(q), _nf4_code(), q.blocksize, dtype)
     return values.view(q.shape)
 
-
 # ----------------------------------------------------------------------------- 6. fast paths
-# The same bits as sections 2-5 with fewer passes over memory and fewer calls: the work goes through
-# chunks of whole blocks small enough to stay in the L2 cache, and each result is written once,
-# straight into its output (fresh memory costs a page fault on first touch).
+# The bits of sections 2-5 with fewer passes over memory and fewer calls: work in chunks of whole
+# blocks that stay in cache, each result written once (fresh memory costs a page fault a page).
 QUANTIZE_CHUNK_VALUES = 1 << 15  # weights per chunk, rounded down to whole blocks (at least one)
 DEQUANTIZE_CHUNK_BYTES = 1 << 16  # packed bytes per chunk, rounded down to whole blocks likewise
 LOOKUP_BINS = 64  # bins of [-1, 1] for the nearest NF4 code: bin = trunc(32 s + 32), 32 s exact
@@ -295,12 +284,12 @@ def _fast_tables(device: torch.device) -> dict:
     midpoints = (code[:-1] + code[1:]) / 2  # (15,)
     midpoint_bins = midpoints.mul(half).add(half).int()  # (15,) increasing strictly (tested)
     count_below = torch.searchsorted(midpoint_bins, torch.arange(LOOKUP_BINS + 1).int())  # (65,)
-    midpoint_in_bin = torch.full((LOOKUP_BINS + 1,), math.inf)  # (65,), inf: no midpoint there
-    midpoint_in_bin[midpoint_bins.long()] = midpoints
+    midpoint_in_bin = torch.full((LOOKUP_BINS + 1,), math.inf).index_put_(  # (65,) inf: none
+        (midpoint_bins.long(),), midpoints)
     # byte b: the float32 pair (q[b >> 4], q[b & 15]) as one int64, in memory order
     pairs = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).view(torch.int64).view(256)
     return dict(count_below=count_below.to(device, torch.uint8), pairs=pairs.to(device),
-                midpoint_in_bin=midpoint_in_bin.to(device))
+                midpoint_in_bin=midpoint_in_bin.to(device), dynamic=_dynamic_code().to(device))
 
 def nearest_nf4_index_lookup(scaled: torch.Tensor) -> torch.Tensor:
     """nearest_code_index(scaled, nf4_code()) for s in [-1 - 2^-22, 1 + 2^-22] (as scale_blocks
@@ -320,31 +309,41 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
     check_bool(double_quant, "double_quant")
     flat = w.detach().reshape(-1)  # (n,)
     step = max(QUANTIZE_CHUNK_VALUES // check_blocksize(blocksize), 1) * blocksize  # whole blocks
-    absmax, packed = [torch.empty(0, device=w.device)], [torch.empty(0, dtype=torch.uint8)]
+    absmax, packed = [w.new_empty(0, dtype=torch.float32)], [w.new_empty(0, dtype=torch.uint8)]
     for chunk in flat.split(step):  # (m,), the last chunk may end in a partial block
         indices, scales = quantize_blockwise(chunk, _nf4_code(), blocksize, name="w",
                                              nearest=lambda s, _: nearest_nf4_index_lookup(s))
         absmax.append(scales)
-        packed.append(pack_nibbles(indices).to(w.device))  # m is even but in the last chunk
+        packed.append(pack_nibbles(indices))  # m is even but in the last chunk
     return _nf4_weight(torch.cat(packed), torch.cat(absmax), w, blocksize, double_quant)
+
+def _dequantized_absmax_fast(q: NF4Weight) -> torch.Tensor:
+    """dequantized_absmax(q), bit for bit, in a few calls: scales padded to whole nested blocks."""
+    if q.nested_blocksize is None:
+        return q.absmax
+    scales = q.nested_absmax.new_empty(q.nested_absmax.numel(), NESTED_BLOCKSIZE)  # padded
+    codes, dynamic = q.absmax.int(), _fast_tables(q.absmax.device)["dynamic"]
+    torch.index_select(dynamic, 0, codes, out=scales.view(-1)[: codes.numel()])  # dynamic[codes]
+    # c2^ = dynamic[codes] * c1 + offset     (nnested, 256) * (nnested, 1) + ()
+    return scales.mul_(q.nested_absmax[:, None]).add_(q.offset).view(-1)[: codes.numel()]
 
 def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """dequantize_nf4_plain(q, dtype), bit for bit: chunk by chunk, both values of each byte are
     gathered into a float32 buffer that stays in cache, then scaled into the output."""
     dtype = _output_dtype(q, dtype)
-    absmax, table = dequantized_absmax(q), _fast_tables(q.packed.device)["pairs"]
+    absmax, table = _dequantized_absmax_fast(q), _fast_tables(q.packed.device)["pairs"]
     n, blocksize, full = q.numel, q.blocksize, q.numel - q.numel % q.blocksize
     out = torch.empty(n, dtype=dtype, device=q.packed.device)  # (n,)
     step = max(2 * DEQUANTIZE_CHUNK_BYTES // blocksize, 1) * blocksize  # values per chunk
     work = torch.empty(min(step, full), device=out.device)  # float32, reused chunk after chunk
+    work_pairs = work.view(torch.int64)  # the same memory, two values an element
     for start in range(0, full, step):
         stop = min(start + step, full)
         packed = q.packed[start // 2: stop // 2].int()  # (m/2,) int32
-        torch.index_select(table, 0, packed, out=work[: stop - start].view(torch.int64))  # q[k_i]
+        torch.index_select(table, 0, packed, out=work_pairs[: packed.numel()])  # q[k_i]
         # w^ = q[k] * c_b     (m/B, B) * (m/B, 1), rounded once into the output's dtype
         torch.mul(work[: stop - start].view(-1, blocksize), absmax[start // blocksize:
                   stop // blocksize, None], out=out[start:stop].view(-1, blocksize))
-    if full < n:  # the partial last block and the odd-count pad
-        tail = table[q.packed[full // 2:].long()].view(torch.float32)[: n - full]
-        out[full:] = tail * absmax[-1]
+    if full < n:  # the partial last block and the odd-count pad: q[k_i] * c_last
+        out[full:] = table[q.packed[full // 2:].long()].view(torch.float32)[: n - full] * absmax[-1]
     return out.view(q.shape)
