@@ -50,24 +50,28 @@ def test_output_shapes(n_layer, n_head, head_size, vocab, B, T, bias):
 
 @given(seed=st.integers(0, 2**16), vocab=st.integers(8, 200))
 def test_fresh_model_loss_is_near_ln_vocab(seed, vocab):
-    model = GPT(small_config(vocab_size=vocab, n_embd=32), generator=torch.Generator().manual_seed(seed))
+    model = GPT(small_config(vocab_size=vocab, n_embd=32),
+                generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (4, 16), generator=g)
     _, loss = model(idx, torch.randint(0, vocab, (4, 16), generator=g))
     # Logits start with std ~ 0.02 * sqrt(n_embd) ~ 0.11, so the loss exceeds ln(V) by about
-    # var/2 ~ 0.01 on average; 0.05 leaves room for the sample.
-    assert abs(loss.item() - math.log(vocab)) < 0.05
+    # var/2 ~ 0.01 on average. The mean over 64 targets of a logit with std 0.11 has std ~ 0.014:
+    # 0.08 is the bias plus five of those (0.05 was hit by seed 65536, vocab 200: 0.051).
+    assert abs(loss.item() - math.log(vocab)) < 0.08
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
     a, b, c = make(5).state_dict(), make(5).state_dict(), make(6).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    for name in a:
+        assert_same(a[name], b[name], f"{name} of two models from seed 5")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # any difference will do: no report
 
 
 def test_named_linears_exist_and_lm_head_is_untied():
     model = make()
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"}
     assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
 
@@ -75,14 +79,18 @@ def test_named_linears_exist_and_lm_head_is_untied():
 def test_generate_is_reproducible_and_top1_is_greedy():
     model = make(3)
     idx = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(0))
-    a = model.generate(idx, 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
-    b = model.generate(idx, 20, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
-    assert a.shape == (2, 25) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
+    a = model.generate(idx, 20, temperature=0.8, top_k=5,
+                       generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 20, temperature=0.8, top_k=5,
+                       generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 25)
+    assert_same(a, b, "a second generate from the same seed")
+    assert_same(a[:, :5], idx, "the prompt at the start of the output")
     greedy = idx
     for _ in range(20):  # the context outgrows block_size 16: generate must crop it
         logits, _ = model(greedy[:, -16:])
         greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(model.generate(idx, 20, top_k=1), greedy)
+    assert_same(model.generate(idx, 20, top_k=1), greedy, "generate with top_k=1 against argmax")
 
 
 def test_clear_errors():
