@@ -99,8 +99,85 @@ def attention_without_scale(self, x):
     return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+# qlora: the input gradient of the frozen NF4 base
+
+def input_grad_with_transposed_weight(grad_out, q, compute_dtype=torch.bfloat16):
+    import qlora
+    return grad_out.matmul(qlora.double_dequant(q, compute_dtype).t())  # W^T: the forward's matrix
+
+
+def input_grad_without_block_scales(grad_out, q, compute_dtype=torch.bfloat16):
+    import nf4
+    codes = nf4.nf4_code()[nf4.unpack_nibbles(q.packed, q.numel).long()]  # q[k], never times c_b
+    return grad_out.matmul(codes.view(q.shape).to(compute_dtype))
+
+
+def input_grad_with_stored_scales(grad_out, q, compute_dtype=torch.bfloat16):
+    import nf4
+    indices = nf4.unpack_nibbles(q.packed, q.numel)  # the 8-bit codes of the scales taken as scales
+    W = nf4.dequantize_blockwise(indices, q.absmax.float(), nf4.nf4_code(), q.blocksize)
+    return grad_out.matmul(W.view(q.shape).to(compute_dtype))
+
+
+# safetensors_io: the header
+
+def _write_safetensors(tensors, path, metadata=None, pad=True, by_size=True, length="little",
+                       from_file_start=False):
+    import json
+    import safetensors_io as io
+    header = {io.METADATA_KEY: {io.CHECKSUM_KEY: "0" * io.CHECKSUM_DIGITS, **(metadata or {})}}
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)) if by_size else tensors
+    chunks, offset = [], 0
+    for name in names:
+        tensor = tensors[name].detach().contiguous().clone()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": io.DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if pad:
+        header_bytes += b" " * (-len(header_bytes) % io.HEADER_ALIGNMENT)
+    if from_file_start:  # offsets counted from byte 0 of the file, not from the first data byte
+        shift = io.LENGTH_BYTES + len(header_bytes)
+        for name in names:
+            header[name]["data_offsets"] = [o + shift for o in header[name]["data_offsets"]]
+        header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    file_bytes = bytearray(len(header_bytes).to_bytes(io.LENGTH_BYTES, length) + header_bytes)
+    file_bytes += b"".join(chunks)
+    start = io.LENGTH_BYTES + len(io.CHECKSUM_PREFIX)
+    file_bytes[start:start + io.CHECKSUM_DIGITS] = io.file_checksum(file_bytes).encode("ascii")
+    io.atomic_write(path, lambda file: file.write(file_bytes))
+
+
+def save_without_padding(tensors, path, metadata=None):
+    _write_safetensors(tensors, path, metadata, pad=False)
+
+
+def save_in_the_dicts_order(tensors, path, metadata=None):
+    _write_safetensors(tensors, path, metadata, by_size=False)
+
+
+def save_with_a_big_endian_length(tensors, path, metadata=None):
+    _write_safetensors(tensors, path, metadata, length="big")
+
+
+def save_offsets_from_the_file_start(tensors, path, metadata=None):
+    _write_safetensors(tensors, path, metadata, from_file_start=True)
+
+
 EXERCISES = [
     Exercise("tiny_gpt.CausalSelfAttention.forward",
              "Vaswani et al. 2017 (arXiv 1706.03762) sec. 3.2.1; docs/tiny_gpt.md",
              {"no causal mask": attention_without_mask, "no 1/sqrt(hs)": attention_without_scale}),
+    Exercise("qlora.nf4_linear_input_grad", "QLoRA (arXiv 2305.14314) sec. 3, eq. 5 and 6",
+             {"W^T instead of W": input_grad_with_transposed_weight,
+              "codes without their block scales": input_grad_without_block_scales,
+              "8-bit scale codes used as scales": input_grad_with_stored_scales}),
+    Exercise("safetensors_io.save_file",
+             "the safetensors README, section Format; safetensors_io.py's docstring",
+             {"header not padded to 8 bytes": save_without_padding,
+              "tensors in the dict's order": save_in_the_dicts_order,
+              "big-endian header length": save_with_a_big_endian_length,
+              "offsets from the file's start": save_offsets_from_the_file_start}),
 ]

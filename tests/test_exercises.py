@@ -2,8 +2,10 @@
 suite runs them), and fail when the function is blanked or replaced by a known wrong answer.
 
 Each check runs the exercise's own tests in a nested pytest session in this process
-(`pytest.main` with the `exercise` profile: few examples, no shrinking), with the function
-substituted, and asserts that at least one of them fails.
+(`pytest.main` with the `exercise` profile: few examples, no shrinking; see QUIET), with the
+function substituted, and asserts
+that at least one of them fails. Only test files whose text mentions `mark.exercise` are collected
+to find the markers: a file that marks no test costs nothing.
 """
 import functools
 import os
@@ -13,6 +15,11 @@ import pytest
 import exercises
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+# The nested sessions only need to know whether a test failed: stop at the first failure and leave
+# out what costs time there (tracebacks; Hypothesis' failure patches, which import a parser; the
+# unraisable-exception plugin's five full garbage collections at each session's end).
+QUIET = ["-x", "-q", "--tb=no", "--no-header", "-p", "no:cacheprovider",
+         "-p", "no:hypothesispytest", "-p", "no:unraisableexception"]
 
 
 class Outcomes:
@@ -25,11 +32,19 @@ class Outcomes:
             (self.failed if report.failed else self.passed).append(report.nodeid)
 
 
+def files_with_markers() -> list[str]:
+    """The test files that mark a test for an exercise (a quick look at their text)."""
+    names = sorted(n for n in os.listdir(TESTS) if n.startswith("test_") and n.endswith(".py"))
+    paths = [os.path.join(TESTS, name) for name in names]
+    return [path for path in paths if "mark.exercise" in open(path, encoding="utf-8").read()]
+
+
 @functools.cache
 def marked_tests() -> dict:
-    """{exercise: [test node ids]}, from one collection of the whole suite."""
+    """{exercise: [test node ids]}, from one collection of the files that mark tests."""
     collector = CollectMarkers()
-    pytest.main([TESTS, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])
+    pytest.main(files_with_markers() + ["--collect-only", "-q", "-p", "no:cacheprovider"],
+                plugins=[collector])
     return collector.found
 
 
@@ -40,7 +55,7 @@ def run_exercise(name: str) -> Outcomes:
     assert files, f"no test is marked for exercise {name}"
     root = os.path.dirname(TESTS)
     code = pytest.main([os.path.join(root, f) for f in files] +
-                       ["--exercise", name, "-x", "-q", "-p", "no:cacheprovider", "--no-header"],
+                       ["--exercise", name, *QUIET],
                        plugins=[outcomes])
     assert code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), (name, code)
     return outcomes
