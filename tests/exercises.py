@@ -22,6 +22,7 @@ class Exercise:
     name: str                     # MODULE.FUNCTION or MODULE.Class.method: what to rebuild
     reading: str                  # the paper section (or docs page) to read first
     wrong_answers: dict[str, Callable] = field(default_factory=dict)  # label -> a wrong version
+    breaks: tuple[str, ...] = ()  # other exercises whose tests also fail while this one is blank
 
 
 def resolve(name: str):
@@ -166,14 +167,18 @@ def save_offsets_from_the_file_start(tensors, path, metadata=None):
     _write_safetensors(tensors, path, metadata, from_file_start=True)
 
 
-EXERCISES = [
+ATTENTION = [
     Exercise("tiny_gpt.CausalSelfAttention.forward",
              "Vaswani et al. 2017 (arXiv 1706.03762) sec. 3.2.1; docs/tiny_gpt.md",
              {"no causal mask": attention_without_mask, "no 1/sqrt(hs)": attention_without_scale}),
+]
+QLORA = [
     Exercise("qlora.nf4_linear_input_grad", "QLoRA (arXiv 2305.14314) sec. 3, eq. 5 and 6",
              {"W^T instead of W": input_grad_with_transposed_weight,
               "codes without their block scales": input_grad_without_block_scales,
               "8-bit scale codes used as scales": input_grad_with_stored_scales}),
+]
+FILES = [
     Exercise("safetensors_io.save_file",
              "the safetensors README, section Format; safetensors_io.py's docstring",
              {"header not padded to 8 bytes": save_without_padding,
@@ -181,3 +186,10 @@ EXERCISES = [
               "big-endian header length": save_with_a_big_endian_length,
               "offsets from the file's start": save_offsets_from_the_file_start}),
 ]
+
+# The exercises of the adapters (lora, dora, vera) and of quantization and the optimizer (nf4,
+# paged_optim) live in files of their own; all of them here, in teaching order.
+from exercises_adapters import ADAPTER_EXERCISES  # noqa: E402 (they import Exercise from here)
+from exercises_quantization import NF4_EXERCISES, OPTIMIZER_EXERCISES  # noqa: E402
+
+EXERCISES = (ATTENTION + ADAPTER_EXERCISES + NF4_EXERCISES + QLORA + OPTIMIZER_EXERCISES + FILES)
