@@ -21,6 +21,7 @@ import adapters
 import dora
 import lora
 import vera
+from assertions import assert_same
 from tiny_gpt import GPT, GPTConfig
 
 LOGIT_RTOL = 1e-5
@@ -52,9 +53,9 @@ def linear_names(model: nn.Module, suffixes=BLOCK_LINEARS) -> list[str]:
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes]
 
 
-def assert_logits_close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0,
-                               atol=LOGIT_RTOL * expected.abs().max().item())
+def assert_logits_close(actual, expected, name="logits"):
+    assert_same(actual, expected, name, exact=False, rtol=0,
+                atol=LOGIT_RTOL * expected.abs().max().item())
 
 
 BUILDERS = {  # method -> our model on `base`, adapted on PEFT_TARGETS
@@ -123,7 +124,8 @@ def test_target_finding_never_descends_into_an_adapter(apply, adapted_with):
     lora.apply_lora(model, ["k_proj", "o_proj"], r=2)  # the other block linears are still free
     with pytest.raises(ValueError, match="found no linear layer to adapt"):
         apply(model, "all-linear")
-    assert all(torch.equal(v, before[k]) for k, v in trained(adapted_with).state_dict().items())
+    for k, v in trained(adapted_with).state_dict().items():
+        assert_same(v, before[k], f"{k} after the refused applies")
 
 
 def test_a_model_that_is_itself_a_linear_is_refused_clearly():
@@ -152,7 +154,7 @@ def test_a_merged_state_dict_loads_into_a_fresh_model_as_merged():
     old = {k: v for k, v in unmerged.state_dict().items() if not k.endswith("adapter_merged")}
     fresh.load_state_dict(old)
     assert not any(layer.merged for layer in adapters.adapter_layers(fresh).values())
-    assert torch.equal(fresh(idx)[0], unmerged(idx)[0])
+    assert_same(fresh(idx)[0], unmerged(idx)[0], "logits loaded without merged flags")
 
 
 @pytest.mark.parametrize("method, name", [("lora", "lora_B"), ("vera", "lambda_b")])
@@ -165,7 +167,8 @@ def test_editing_an_adapter_while_merged_makes_unmerge_refuse(method, name):
         getattr(layer, name).add_(1.0)
     with pytest.raises(ValueError, match=f"{name} changed while the adapter was merged"):
         layer.unmerge()
-    assert layer.merged and torch.equal(layer.base.weight, merged)  # W0 + ΔW kept, not corrupted
+    assert layer.merged
+    assert_same(layer.base.weight, merged, "merged W0 + ΔW after the refused unmerge")  # kept
     with torch.no_grad():
         getattr(layer, name).copy_(value)  # the merged values back: unmerge works again
     layer.unmerge()
@@ -196,14 +199,15 @@ def test_merge_adapters_gives_the_base_architecture_and_the_adapted_outputs(n_la
         [(n, type(m)) for n, m in fresh.named_modules()]
     assert [(k, v.shape, v.dtype) for k, v in merged.state_dict().items()] == \
         [(k, v.shape, v.dtype) for k, v in fresh.state_dict().items()]
-    torch.testing.assert_close(merged(idx)[0], adapted, rtol=0.0,
-                               atol=MODEL_MERGE_TOL[dtype] * adapted.abs().max().item())
-    assert torch.equal(model(idx)[0], adapted)  # the adapted model is left as it was
+    assert_same(merged(idx)[0], adapted, "merged vs adapted logits", exact=False, rtol=0.0,
+                atol=MODEL_MERGE_TOL[dtype] * adapted.abs().max().item())
+    assert_same(model(idx)[0], adapted, "adapted logits after merge_adapters")  # left as it was
     # merging some layers in place first changes nothing: the same W0 + ΔW, rounded the same way
     model.blocks[0].attn.q_proj.merge()
     again = adapters.merge_adapters(model, inplace=True)
     assert again is model and not adapters.adapter_layers(model)
-    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in model.state_dict().items())
+    for k, v in model.state_dict().items():  # the same W0 + ΔW, rounded the same way
+        assert_same(v, merged.state_dict()[k], f"{k} merged in place vs merged into a copy")
 
 
 def test_merging_a_quantized_model_takes_the_same_inputs_in_a_chosen_dtype():
@@ -219,15 +223,17 @@ def test_merging_a_quantized_model_takes_the_same_inputs_in_a_chosen_dtype():
     adapted = model(idx)[0]
     merged = adapters.merge_adapters(model)
     assert merged.blocks[0].attn.q_proj.weight.dtype == torch.float32
-    torch.testing.assert_close(merged(idx)[0], adapted, rtol=0,
-                               atol=2e-2 * adapted.abs().max().item())
+    assert_same(merged(idx)[0], adapted, "merged vs NF4-adapted logits", exact=False, rtol=0,
+                atol=2e-2 * adapted.abs().max().item())
     layer = model.blocks[0].attn.q_proj
     W = layer.base.dequantized_weight().float() + layer.delta_weight()
-    assert torch.equal(merged.blocks[0].attn.q_proj.weight, W)  # summed in float32, no rounding
+    assert_same(merged.blocks[0].attn.q_proj.weight, W,
+                "merged q_proj weight, summed in float32 (no rounding)")
     in_bf16 = adapters.merge_adapters(model, dtype=torch.bfloat16).blocks[0].attn.q_proj
     assert in_bf16.weight.dtype == in_bf16.bias.dtype == torch.bfloat16
-    assert torch.equal(in_bf16.weight, layer.base.dequantized_weight()
-                       + layer.delta_weight().to(torch.bfloat16))  # merge()'s rounding
+    assert_same(in_bf16.weight,
+                layer.base.dequantized_weight() + layer.delta_weight().to(torch.bfloat16),
+                "bfloat16 merged weight (merge()'s rounding)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,10 +245,11 @@ def test_adapter_state_dict_round_trip_through_load_adapter_state():
     assert set(state) == {f"{t}.lora_{m}" for t in linear_names(make_gpt(), PEFT_TARGETS)
                           for m in "AB"}
     state["blocks.0.attn.q_proj.lora_A"].add_(1.0)  # detached copies: the model is not affected
+    # must differ: the copy was edited, the model's lora_A was not
     assert not torch.equal(state["blocks.0.attn.q_proj.lora_A"], model.blocks[0].attn.q_proj.lora_A)
     other = BUILDERS["lora"](make_gpt())
     adapters.load_adapter_state(other, adapters.adapter_state_dict(model))
-    assert torch.equal(other(tokens())[0], model(tokens())[0])
+    assert_same(other(tokens())[0], model(tokens())[0], "logits after load_adapter_state")
     with pytest.warns(DeprecationWarning, match="load_adapter_state"):
         adapters.load_adapter(other, adapters.adapter_state_dict(model))  # the old call
 
@@ -260,7 +267,8 @@ def test_load_adapter_state_names_what_does_not_fit_and_leaves_the_model_alone()
             (dict(good, **{key: [1.0]}), TypeError, "floating-point")]:
         with pytest.raises(error, match=match):
             adapters.load_adapter_state(model, state)
-    assert all(torch.equal(v, before[k]) for k, v in adapters.adapter_state_dict(model).items())
+    for k, v in adapters.adapter_state_dict(model).items():
+        assert_same(v, before[k], f"{k} after the refused loads")
     model.blocks[0].attn.q_proj.merge()
     with pytest.raises(ValueError, match="unmerge"):
         adapters.load_adapter_state(model, good)
@@ -298,7 +306,7 @@ def test_our_directory_loads_in_peft_with_the_same_logits(peft, method, tmp_path
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / method).eval()
     assert_logits_close(theirs(idx)[0], model(idx)[0])
     ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path / method)
-    assert torch.equal(ours(idx)[0], model(idx)[0])  # our own round trip: exact
+    assert_same(ours(idx)[0], model(idx)[0], f"{method} logits after our own round trip")
 
 
 def test_our_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
@@ -309,8 +317,8 @@ def test_our_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
     path = str(tmp_path / adapter_files.TENSOR_FILE)
     tensors = safetensors_torch.load_file(path)
     layer = model.blocks[1].mlp.up_proj
-    assert torch.equal(tensors["base_model.model.blocks.1.mlp.up_proj.vera_lambda_b"],
-                       layer.lambda_b)
+    assert_same(tensors["base_model.model.blocks.1.mlp.up_proj.vera_lambda_b"], layer.lambda_b,
+                "vera_lambda_b as read by the safetensors package")
     assert all(k.startswith("base_model.model.") and k.endswith(("vera_lambda_d", "vera_lambda_b"))
                for k in tensors)  # no merged flag, no matrices: what PEFT expects
     with safe_open(path, "pt") as file:
@@ -376,7 +384,7 @@ def test_qlora_adapters_save_and_load_over_the_same_nf4_base_only(tmp_path):
     assert adapters.read_adapter(tmp_path).metadata["base_layer_type"] == "NF4Linear"
     again = adapters.apply_saved_adapter(
         qlora.quantize_model(make_gpt(), compute_dtype=torch.float32), tmp_path)
-    assert torch.equal(again(tokens())[0], model(tokens())[0])
+    assert_same(again(tokens())[0], model(tokens())[0], "QLoRA logits after save and load")
     plain = make_gpt()
     with pytest.raises(ValueError, match="base_layer_type is 'NF4Linear' in the file but "
                                          "'Linear' in the model"):
@@ -410,7 +418,8 @@ def test_load_adapter_refuses_a_file_of_other_settings(other, match, tmp_path):
     with pytest.raises(ValueError, match=match) as error:
         adapters.load_adapter(model, tmp_path)
     assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for k, v in model.state_dict().items():
+        assert_same(v, before[k], f"{k} after the refused load")
 
 
 def test_shapes_and_the_base_are_checked_and_check_base_can_be_waived(tmp_path):
@@ -506,7 +515,7 @@ def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path)
     adapters.save_adapter(model, first)
     assert sorted(os.listdir(first)) == [adapter_files.CONFIG_FILE, adapter_files.TENSOR_FILE]
     again = adapters.apply_saved_adapter(make_gpt(), first)
-    assert torch.equal(again(tokens())[0], model(tokens())[0])
+    assert_same(again(tokens())[0], model(tokens())[0], "logits loaded after the recovered save")
 
 
 def test_apply_saved_adapter_refuses_targets_without_tensors_and_leaves_the_model(tmp_path):
