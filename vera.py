@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -276,30 +275,3 @@ def vera_projection_of(model: nn.Module) -> VeRAProjection:
                          "not one (apply VeRA once over all its targets)")
     return next(iter(projections.values()))
 
-
-# --------------------------------------------------------------------------------------------------
-# Deprecated: the old file functions, now thin shims over adapters.save_adapter / load_adapter
-# (adapter directories in PEFT's format). Kept only while train.py and bench.py call them.
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"vera.{old} is deprecated; use adapters.{new}", DeprecationWarning, stacklevel=3)
-
-
-def save_vera_adapter(model: nn.Module, path: str) -> None:
-    _deprecated("save_vera_adapter", "save_adapter")
-    import adapter_files  # it imports this module
-    adapter_files.save_adapter(model, path)
-
-
-def read_vera_adapter(path: str, device: torch.device | str = "cpu"):
-    _deprecated("read_vera_adapter", "read_adapter")
-    import adapter_files
-    saved = adapter_files.read_adapter(path)
-    saved.tensors = {key: tensor.to(device) for key, tensor in saved.tensors.items()}
-    return saved
-
-
-def use_vera_adapter(model: nn.Module, adapter) -> None:
-    _deprecated("use_vera_adapter", "load_adapter")
-    import adapter_files
-    adapter_files.load_adapter(model, adapter, check_base=False)

@@ -420,18 +420,6 @@ def bare_vera():
     return trained_vera_gpt(0)
 
 
-def test_deprecated_file_functions_are_shims_over_the_directory_pair(tmp_path):
-    model, idx = trained_vera_gpt(0), token_batch()
-    with pytest.warns(DeprecationWarning, match="save_adapter"):
-        vera.save_vera_adapter(model, tmp_path / "a")
-    with pytest.warns(DeprecationWarning, match="read_adapter"):
-        saved = vera.read_vera_adapter(tmp_path / "a")
-    other = trained_vera_gpt(1)
-    with pytest.warns(DeprecationWarning, match="load_adapter"):
-        vera.use_vera_adapter(other, saved)
-    torch.testing.assert_close(other(idx)[0], model(idx)[0], **EXACT)
-
-
 def test_apply_vera_honours_dropout():
     """apply_vera(dropout=p): every layer drops its update's input in training (train.py passes
     --dropout; it was silently ignored before), and the file records it as vera_dropout."""
