@@ -7,8 +7,8 @@ this order, and stops at the first failure:
 3. bit equality (unless `exact=False`): failing only this means *right math, other rounding*, e.g.
    a different order of operations, which the message says in so many words.
 Each failure names the first differing index, both values, the largest difference and, for floats,
-the distance in ulps (units in the last place). For integer tensors that hold packed NF4 bytes or
-8-bit codes, `blocksize` adds the block the first differing element falls in.
+the distance in ulps (units in the last place). `blocksize` (elements of the compared tensor a
+block: B for NF4 values, B / 2 for their packed bytes) adds the block the first difference is in.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def assert_same(actual, expected, name: str = "tensor", *, exact: bool = True,
         close = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
         if not bool(close.all()):
             raise AssertionError(_report(actual, expected, ~close, name,
-                                         f"wrong: outside rtol={rtol:g}, atol={atol:g}"))
+                                         f"wrong: outside rtol={rtol:g}, atol={atol:g}", blocksize))
         if not exact:
             return
         same_bits = actual.view(_SAME_WIDTH_INT[actual.dtype]) == \
@@ -96,7 +96,8 @@ def assert_same(actual, expected, name: str = "tensor", *, exact: bool = True,
             raise AssertionError(_report(
                 actual, expected, ~same, name,
                 "right math, other rounding: within tolerance but not bit-exact (the reference "
-                "computes the same formula in another order of operations or precision)"))
+                "computes the same formula in another order of operations or precision)",
+                blocksize))
         return
     same = actual == expected
     if not bool(same.all()):

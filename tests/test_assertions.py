@@ -51,6 +51,18 @@ def test_bytes_report_the_block():
         assert_same(actual, expected, "packed", blocksize=32)
 
 
+def test_floats_report_the_block_too():
+    expected = torch.ones(200)
+    actual = expected.clone()
+    actual[130] = torch.nextafter(actual[130], torch.tensor(2.0))  # other rounding: block 2 of 64
+    with pytest.raises(AssertionError,
+                       match=r"(?s)other rounding.*index \(130,\).*\(block 2 of 64"):
+        assert_same(actual, expected, "w^", blocksize=64)
+    actual[70] = 3.0  # wrong math, block 1 of 64
+    with pytest.raises(AssertionError, match=r"(?s)wrong.*index \(70,\).*\(block 1 of 64"):
+        assert_same(actual, expected, "w^", blocksize=64)
+
+
 def test_shape_dtype_and_nan_handling():
     with pytest.raises(AssertionError, match=r"shape \(2,\), expected \(3,\)"):
         assert_same(torch.zeros(2), torch.zeros(3))
