@@ -30,6 +30,7 @@ import adapters
 import lora
 import nf4
 import qlora
+from assertions import assert_same
 from paged_optim import PagedAdamW
 from tiny_gpt import GPT, GPTConfig
 
@@ -98,6 +99,18 @@ def storage(layer: qlora.NF4Linear) -> dict:
     return {name: getattr(layer, name).clone() for name in names if hasattr(layer, name)}
 
 
+def assert_same_tensors(actual: dict, expected: dict, what: str, nf4_blocksize=None) -> None:
+    """Tensor dicts compared name by name. With `nf4_blocksize`, a differing packed byte (two 4-bit
+    codes) or 8-bit absmax code also names its block: NF4 blocks of nf4_blocksize / 2 bytes,
+    nested blocks of NESTED_BLOCKSIZE codes."""
+    assert actual.keys() == expected.keys(), what
+    bytes_per_block = {} if nf4_blocksize is None else \
+        {"packed": nf4_blocksize // 2, "absmax": nf4.NESTED_BLOCKSIZE}
+    for name, tensor in expected.items():
+        assert_same(actual[name], tensor, f"{what}: {name}",
+                    blocksize=bytes_per_block.get(name.rsplit(".", 1)[-1]))
+
+
 def reference(f, *tensors):
     exact = f(*(t.detach().double() for t in tensors))
     scale = f(*(t.detach().double().abs() for t in tensors)).abs().max().item()
@@ -126,7 +139,7 @@ def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, ou
     linear = make_linear(in_features, out_features, bias, seed, device)
     layer = qlora.NF4Linear.from_linear(linear, blocksize, double_quant, torch.float32)
     W = dequantized_reference(linear, blocksize, double_quant)
-    assert torch.equal(layer.dequantized_weight(), W)
+    assert_same(layer.dequantized_weight(), W, "dequantized weight")
     dense = copy.deepcopy(linear)
     with torch.no_grad():
         dense.weight.copy_(W)
@@ -134,11 +147,11 @@ def test_nf4linear_equals_linear_with_dequantized_weight(device, in_features, ou
     x = torch.randn(*lead, in_features, generator=g).to(device)
     x_ours, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, expected = layer(x_ours), dense(x_dense)
-    assert y.dtype == torch.float32 and torch.equal(y, expected)
+    assert_same(y, expected, "NF4Linear output vs nn.Linear(dequantized W)")
     grad_y = torch.randn(expected.shape, generator=g).to(device)
     y.backward(grad_y)
     expected.backward(grad_y)
-    assert torch.equal(x_ours.grad, x_dense.grad)
+    assert_same(x_ours.grad, x_dense.grad, "input gradient vs nn.Linear(dequantized W)")
     assert all(not t.requires_grad and t.grad is None for t in layer.buffers())
     assert not [n for n, p in layer.named_parameters() if p.requires_grad]  # frozen, bias included
 
@@ -162,12 +175,13 @@ def test_forward_and_input_gradient_against_float64(device, in_features, out_fea
     assert layer.dequantized_weight().dtype == compute_dtype
     exact, scale = reference(lambda x, W, b: x @ W.T + b, x, W, b)
     atol = tol(compute_dtype, x_dtype)
-    torch.testing.assert_close(y.double(), exact, rtol=0.0, atol=atol * scale)
+    assert_same(y.double(), exact, "output vs float64", exact=False, rtol=0.0, atol=atol * scale)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device, x_dtype)
     y.backward(grad_y)
     exact, scale = reference(lambda g, W: g @ W, grad_y, W)
     assert x.grad.dtype == x_dtype
-    torch.testing.assert_close(x.grad.double(), exact, rtol=0.0, atol=atol * scale)
+    assert_same(x.grad.double(), exact, "input gradient vs float64", exact=False, rtol=0.0,
+                atol=atol * scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,16 +204,17 @@ def test_hand_written_backward_equals_autograd_through_the_dense_weight(
     y_ours = layer(x_ours)
     y_dense = F.linear(x_dense.to(compute_dtype), layer.dequantized_weight(),
                        None if bias_dense is None else bias_dense.to(compute_dtype)).to(x.dtype)
-    assert torch.equal(y_ours, y_dense)
+    assert_same(y_ours, y_dense, "output vs F.linear on the dequantized weight")
     grad_y = torch.randn(y_ours.shape, generator=g).to(device)
     y_ours.backward(grad_y)
     y_dense.backward(grad_y)
-    assert torch.equal(x_ours.grad, x_dense.grad)
+    assert_same(x_ours.grad, x_dense.grad, "hand-written input gradient vs autograd")
     if bias:
         n_terms = math.prod(lead)  # each bias gradient sums N values, rounded in the compute dtype
         sum_of_terms = grad_y.abs().sum(dim=tuple(range(len(lead)))).max().item()
         atol = (n_terms + 1) * UNIT_ROUNDOFF[compute_dtype] * sum_of_terms
-        torch.testing.assert_close(layer.bias.grad, bias_dense.grad, rtol=0.0, atol=atol)
+        assert_same(layer.bias.grad, bias_dense.grad, "bias gradient", exact=False, rtol=0.0,
+                    atol=atol)
 
 
 def test_backward_saves_only_the_4bit_storage():
@@ -234,13 +249,13 @@ def test_state_dict_round_trip_restores_the_same_bytes(device, in_features, out_
     fresh = qlora.NF4Linear(in_features, out_features, bias, blocksize=blocksize,
                             double_quant=double_quant, compute_dtype=torch.float32, device=device)
     fresh.load_state_dict(state)
-    for name, tensor in storage(layer).items():
-        loaded = getattr(fresh, name)
-        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor), name
+    expected = storage(layer)
+    assert_same_tensors({name: getattr(fresh, name) for name in expected}, expected,
+                        "loaded NF4 storage", blocksize)
     if bias:
-        assert torch.equal(fresh.bias, layer.bias)
+        assert_same(fresh.bias, layer.bias, "loaded bias")
     x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed)).to(device)
-    assert torch.equal(fresh(x), layer(x))
+    assert_same(fresh(x), layer(x), "output after the state dict round trip")
 
 
 def test_loading_another_layout_fails_clearly():
@@ -251,7 +266,9 @@ def test_loading_another_layout_fails_clearly():
         kept = storage(target)
         with pytest.raises(ValueError, match="nf4_format"):
             target.load_state_dict(state)
-        assert all(torch.equal(kept[k], getattr(target, k)) for k in kept)  # nothing half-loaded
+        assert_same_tensors({k: getattr(target, k) for k in kept}, kept,
+                            f"storage after a refused {other} load (nothing half-loaded)",
+                            target.blocksize)
     with pytest.raises(ValueError, match=r"nf4_format.*\[32, 128, 64, 256\]"):
         qlora.NF4Linear(32, 128, False).load_state_dict(state)  # same byte counts, transposed shape
     # Without the format record: a float32 absmax does not slip into uint8 codes.
@@ -273,28 +290,28 @@ def test_dtype_casts_move_but_never_cast_the_4bit_storage(cast):
         layer = layer.to(torch.float64) if cast == "to_float64" else getattr(layer, cast)()
         dtype = {"double": torch.float64, "to_float64": torch.float64, "half": torch.float16,
                  "bfloat16": torch.bfloat16}[cast]
-        for name, tensor in before.items():
-            kept = getattr(layer, name)
-            assert kept.dtype == tensor.dtype and torch.equal(kept, tensor), name
+        assert_same_tensors({name: getattr(layer, name) for name in before}, before,
+                            f"storage after {cast}", 32)
         assert layer.bias.dtype == dtype and layer.compute_dtype == torch.float32
-        assert torch.equal(layer.dequantized_weight(), W)
+        assert_same(layer.dequantized_weight(), W, f"dequantized weight after {cast}")
         x = torch.randn(5, 100, dtype=torch.float64).to(dtype)
         expected = F.linear(x.float(), W, layer.bias.float()).to(dtype)
-        assert torch.equal(layer(x), expected)
+        assert_same(layer(x), expected, f"output after {cast}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_to_device_moves_every_buffer(device):
     layer = qlora.NF4Linear.from_linear(make_linear(64, 8, True, 0), compute_dtype=torch.float32)
     moved = copy.deepcopy(layer).to(device)
-    for name, tensor in storage(layer).items():
-        assert getattr(moved, name).device.type == device
-        assert torch.equal(getattr(moved, name).cpu(), tensor)
+    expected = storage(layer)
+    assert all(getattr(moved, name).device.type == device for name in expected)
+    assert_same_tensors({name: getattr(moved, name).cpu() for name in expected}, expected,
+                        f"storage moved to {device}", layer.blocksize)
     x = torch.randn(3, 64)
     _, scale = reference(lambda x, W, b: x @ W.T + b, x, layer.dequantized_weight(), layer.bias)
     # CPU and GPU GEMMs sum 64 float32 products in other orders
-    torch.testing.assert_close(moved(x.to(device)).cpu(), layer(x), rtol=0.0,
-                               atol=ACCUMULATION_TOL[torch.float32] * scale)
+    assert_same(moved(x.to(device)).cpu(), layer(x), f"output on {device}", exact=False,
+                rtol=0.0, atol=ACCUMULATION_TOL[torch.float32] * scale)
 
 
 def tensors_held_by(layer: nn.Module) -> list:
@@ -340,15 +357,17 @@ def test_the_cached_nf4_weight_follows_loads_and_replaced_buffers():
     x = torch.randn(5, 100)
     before = target(x)
     target.load_state_dict(source.state_dict())
-    assert not torch.equal(target(x), before) and torch.equal(target(x), source(x))
+    assert not torch.equal(target(x), before)  # must differ: the load reached the cached weight
+    assert_same(target(x), source(x), "output after loading the source's state dict")
     other = qlora.NF4Linear.from_linear(make_linear(100, 12, True, 2), 32,
                                         compute_dtype=torch.float32)
     for name in ("packed", "absmax", "nested_absmax", "offset"):
         setattr(target, name, getattr(other, name).clone())
     with torch.no_grad():
         target.bias.copy_(other.bias)
-    assert torch.equal(target(x), other(x))
-    assert torch.equal(target.dequantized_weight(), other.dequantized_weight())
+    assert_same(target(x), other(x), "output after replacing the buffers")
+    assert_same(target.dequantized_weight(), other.dequantized_weight(),
+                "dequantized weight after replacing the buffers")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,11 +380,11 @@ def test_double_dequant_rounds_the_float32_weight_once_into_each_compute_dtype(d
     q = nf4.quantize_nf4(torch.randn(24, 100, generator=torch.Generator().manual_seed(0)), 32,
                          double_quant)
     W32 = qlora.double_dequant(q, torch.float32)
-    assert torch.equal(W32, nf4.dequantize_nf4(q, torch.float32))
+    assert_same(W32, nf4.dequantize_nf4(q, torch.float32), "double_dequant in float32")
     for compute_dtype in COMPUTE_DTYPES:
         W = qlora.double_dequant(q, compute_dtype)
         assert W.dtype == compute_dtype and W.shape == (24, 100)
-        assert torch.equal(W, W32.to(compute_dtype)), compute_dtype
+        assert_same(W, W32.to(compute_dtype), f"double_dequant in {compute_dtype}")
 
 
 @given(**layer_shapes, r=st.integers(1, 6), compute_dtype=st.sampled_from(COMPUTE_DTYPES))
@@ -393,8 +412,9 @@ def test_qlora_linear_is_eq5_as_the_adapted_layer_computes_it(in_features, out_f
     exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + 2.0 * (x @ A.T) @ B.T, x, W, b,
                              layer.lora_A, layer.lora_B)
     atol = tol(compute_dtype, torch.float32) * scale
-    torch.testing.assert_close(ours.double(), exact, rtol=0.0, atol=atol)
-    torch.testing.assert_close(layer(x).detach().double(), exact, rtol=0.0, atol=atol)
+    assert_same(ours.double(), exact, "qlora_linear vs float64", exact=False, rtol=0.0, atol=atol)
+    assert_same(layer(x).detach().double(), exact, "adapted layer vs float64", exact=False,
+                rtol=0.0, atol=atol)
 
 
 # Gradients in float64: a sum of at most 24 products (out_features) rounded in float64 errs by at
@@ -419,7 +439,8 @@ def test_input_grad_by_hand_equals_autograd_through_the_dense_weight(
     ours = qlora.nf4_linear_input_grad(grad_out, q, torch.float64)
     assert ours.dtype == torch.float64 and ours.shape == x.shape
     _, scale = reference(lambda g, W: g @ W, grad_out, W)
-    torch.testing.assert_close(ours, expected, rtol=0.0, atol=FLOAT64_GRAD_TOL * scale)
+    assert_same(ours, expected, "nf4_linear_input_grad vs autograd", exact=False, rtol=0.0,
+                atol=FLOAT64_GRAD_TOL * scale)
 
 
 @pytest.mark.exercise("qlora.nf4_linear_input_grad")
@@ -462,30 +483,34 @@ def test_qlora_layer_equals_lora_on_the_dequantized_base(device, in_features, ou
         B = torch.randn(out_features, r, generator=g).to(device)
         qlayer.lora_B.copy_(B)
         layer.lora_B.copy_(B)
-    assert qlayer.lora_A.dtype == torch.float32 and torch.equal(qlayer.lora_A, layer.lora_A)
+    assert qlayer.lora_A.dtype == torch.float32
+    assert_same(qlayer.lora_A, layer.lora_A, "lora_A initialised from the same seed")
     x = torch.randn(*lead, in_features, generator=g).to(device)
     x_qlora, x_lora = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_qlora, y_lora = qlayer(x_qlora), layer(x_lora)
     grad_y = torch.randn(y_qlora.shape, generator=g).to(device)
     y_qlora.backward(grad_y)
     y_lora.backward(grad_y)
-    pairs = [(y_qlora, y_lora), (x_qlora.grad, x_lora.grad),
-             (qlayer.lora_A.grad, layer.lora_A.grad), (qlayer.lora_B.grad, layer.lora_B.grad)]
+    pairs = {"output": (y_qlora, y_lora), "input gradient": (x_qlora.grad, x_lora.grad),
+             "lora_A gradient": (qlayer.lora_A.grad, layer.lora_A.grad),
+             "lora_B gradient": (qlayer.lora_B.grad, layer.lora_B.grad)}
     if compute_dtype == torch.float32:
-        for ours, theirs in pairs:
-            assert torch.equal(ours, theirs)
+        for what, (ours, theirs) in pairs.items():
+            assert_same(ours, theirs, f"QLoRA vs LoRA on the dequantized weight: {what}")
         return
     b = linear.bias if bias else torch.zeros(out_features, device=device)
     s = qlayer.scaling
     atol = tol(compute_dtype, torch.float32)
     exact, scale = reference(lambda x, W, b, A, B: x @ W.T + b + s * (x @ A.T) @ B.T, x, W, b,
                              layer.lora_A, B)
-    torch.testing.assert_close(y_qlora.double(), exact, rtol=0.0, atol=atol * scale)
+    assert_same(y_qlora.double(), exact, "QLoRA output vs float64", exact=False, rtol=0.0,
+                atol=atol * scale)
     exact, scale = reference(lambda g, W, A, B: g @ W + s * (g @ B) @ A, grad_y, W, layer.lora_A, B)
-    torch.testing.assert_close(x_qlora.grad.double(), exact, rtol=0.0, atol=atol * scale)
+    assert_same(x_qlora.grad.double(), exact, "QLoRA input gradient vs float64", exact=False,
+                rtol=0.0, atol=atol * scale)
     # dL/dA and dL/dB depend on x and dL/dy only, not on W: they equal LoRA's bit for bit.
-    assert torch.equal(qlayer.lora_A.grad, layer.lora_A.grad)
-    assert torch.equal(qlayer.lora_B.grad, layer.lora_B.grad)
+    for what in ("lora_A gradient", "lora_B gradient"):
+        assert_same(*pairs[what], f"QLoRA vs LoRA: {what}")
 
 
 def make_gpt(seed=0, n_layer=2, n_embd=32, vocab_size=13):
@@ -546,19 +571,19 @@ def test_qlora_gpt_trains_like_lora_on_the_dequantized_gpt(device, seed):
                                            if p.requires_grad}))
             optimizer.step()
         (logits_qlora, loss_qlora, grads_qlora), (logits_lora, loss_lora, grads_lora) = outputs
-        assert torch.equal(logits_qlora, logits_lora) and torch.equal(loss_qlora, loss_lora)
-        assert grads_qlora.keys() == grads_lora.keys()
-        assert all(torch.equal(grads_qlora[k], grads_lora[k]) for k in grads_qlora)
+        assert_same(logits_qlora, logits_lora, f"QLoRA vs LoRA logits, step {step}")
+        assert_same(loss_qlora, loss_lora, f"QLoRA vs LoRA loss, step {step}")
+        assert_same_tensors(grads_qlora, grads_lora, f"QLoRA vs LoRA gradients, step {step}")
         # equal to the dense twin's, the first block's gradients passed through every later
         # 4-bit layer
         assert grads_qlora["blocks.0.attn.q_proj.lora_B"].abs().sum() > 0
     trained = [{n: p for n, p in m.named_parameters() if p.requires_grad} for m in models]
-    assert trained[0].keys() == trained[1].keys()
-    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    assert_same_tensors(trained[0], trained[1], "QLoRA vs LoRA adapters after PagedAdamW")
     trained_layers = adapters.adapter_layers(qmodel).values()
     assert all(layer.lora_B.abs().sum() > 0 for layer in trained_layers)
     after = nf4_buffers(qmodel)
-    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert_same_tensors(after, frozen, "NF4 buffers after training",
+                        nf4.DEFAULT_BLOCKSIZE)
     for module in qmodel.modules():
         if isinstance(module, qlora.NF4Linear):
             assert all(t.grad is None and not t.requires_grad for t in module.buffers())
@@ -584,8 +609,8 @@ def test_prepare_qlora_is_the_recipe_and_trains():
             assert layer.base.compute_dtype == torch.bfloat16 and layer.base.blocksize == 64
             assert layer.base.double_quant
     assert type(model.lm_head) is nn.Linear
-    assert torch.equal(model.lm_head.weight, reference_model.lm_head.weight)
-    assert torch.equal(model.tok_emb.weight, reference_model.tok_emb.weight)
+    assert_same(model.lm_head.weight, reference_model.lm_head.weight, "lm_head weight")
+    assert_same(model.tok_emb.weight, reference_model.tok_emb.weight, "token embedding")
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == \
         {id(p) for p in model.parameters() if p.requires_grad}
     assert adapters.count_trainable(model) == 2 * 4 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
@@ -599,7 +624,8 @@ def test_prepare_qlora_is_the_recipe_and_trains():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all(torch.equal(t, nf4_buffers(model)[k]) for k, t in frozen.items())
+    assert_same_tensors(nf4_buffers(model), frozen, "NF4 buffers after training",
+                        nf4.DEFAULT_BLOCKSIZE)
 
 
 def test_qlora_gpt_checkpoint_round_trip():
@@ -613,13 +639,11 @@ def test_qlora_gpt_checkpoint_round_trip():
     buffer.seek(0)
     other, _ = qlora.prepare_qlora(make_gpt(1, n_layer=1), **options, seed=1)
     idx = tokens(3)
-    assert not torch.equal(other(idx)[0], model(idx)[0])
+    assert not torch.equal(other(idx)[0], model(idx)[0])  # must differ, or the load proves nothing
     other.load_state_dict(torch.load(buffer, weights_only=True))
-    saved, loaded = model.state_dict(), other.state_dict()
-    assert saved.keys() == loaded.keys()
-    assert all(saved[k].dtype == loaded[k].dtype and torch.equal(saved[k], loaded[k])
-               for k in saved)
-    assert torch.equal(other(idx)[0], model(idx)[0])
+    assert_same_tensors(other.state_dict(), model.state_dict(), "loaded QLoRA state dict",
+                        nf4.DEFAULT_BLOCKSIZE)
+    assert_same(other(idx)[0], model(idx)[0], "logits after the checkpoint round trip")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,9 +668,9 @@ def test_merged_equals_unmerged_and_requantizing_changes_it(seed):
     assert [(k, v.shape, v.dtype) for k, v in merged.state_dict().items()] == \
         [(k, v.shape, v.dtype) for k, v in base.state_dict().items()]
     out, _ = merged(idx)
-    torch.testing.assert_close(out, adapted, rtol=0.0,
-                               atol=MODEL_MERGE_TOL * adapted.abs().max().item())
-    assert torch.equal(model(idx)[0], adapted)  # the QLoRA model itself is left as it was
+    assert_same(out, adapted, "merged vs adapted logits", exact=False, rtol=0.0,
+                atol=MODEL_MERGE_TOL * adapted.abs().max().item())
+    assert_same(model(idx)[0], adapted, "QLoRA logits after merge_adapters")  # left as it was
     with pytest.raises(TypeError, match="merge_adapters"):
         model.blocks[0].attn.q_proj.merge()  # no in-place merge into 4-bit storage
     # W0 + s B A is off the NF4 grid: quantizing the merged model again changes every weight.
@@ -675,7 +699,8 @@ def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features
     merged = adapters.merge_adapters(nn.Sequential(layer), dtype=compute_dtype)[0]
     W = layer.base.dequantized_weight()
     assert type(merged) is nn.Linear and merged.weight.dtype == compute_dtype
-    assert torch.equal(merged.weight, W + layer.delta_weight().to(compute_dtype))
+    assert_same(merged.weight, W + layer.delta_weight().to(compute_dtype),
+                f"merged weight in {compute_dtype}")
     x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed + 1))
     adapted = layer(x)
     b = layer.base.bias if bias else torch.zeros(out_features)
@@ -683,8 +708,8 @@ def test_merged_layer_is_a_linear_in_the_compute_dtype(in_features, out_features
                          layer.lora_A, layer.lora_B)
     # adapted is within tol of exact; merged rounds x, s B A, the sum, and the output: 4u more
     atol = (tol(compute_dtype, torch.float32) + 4 * UNIT_ROUNDOFF[compute_dtype]) * scale
-    torch.testing.assert_close(merged(x.to(compute_dtype)).double(), adapted.double(), rtol=0.0,
-                               atol=atol)
+    assert_same(merged(x.to(compute_dtype)).double(), adapted.double(), "merged vs adapted output",
+                exact=False, rtol=0.0, atol=atol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -798,8 +823,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="double_quant"):
         qlora.quantize_model(model, double_quant="yes")
     # a failed call leaves the model untouched
-    assert all(torch.equal(a, b)
-               for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+    assert_same_tensors(model.state_dict(), pristine.state_dict(), "model after failed calls")
     assert not any(isinstance(m, qlora.NF4Linear) for m in model.modules())
     qlora.quantize_model(model)
     with pytest.raises(TypeError, match="already quantized"):
@@ -857,7 +881,8 @@ def test_loading_non_finite_scales_offset_or_bias_fails_and_loads_nothing(double
     kept = dict(storage(target), bias=target.bias.detach().clone())
     with pytest.raises(ValueError, match=f"'{name}'.*NaN or Inf"):
         target.load_state_dict(state)
-    assert all(torch.equal(kept[k], getattr(target, k)) for k in kept)  # nothing half-loaded
+    assert_same_tensors({k: getattr(target, k) for k in kept}, kept,
+                        "storage and bias after a refused load (nothing half-loaded)", 64)
     model = nn.Sequential(target)  # the entry is named with its prefix inside a model
     with pytest.raises(ValueError, match=f"'0.{name}'"):
         model.load_state_dict({f"0.{k}": v for k, v in state.items()})
