@@ -20,6 +20,7 @@ import lora
 import safetensors_io
 import sample
 import train
+from assertions import assert_same
 
 QUICK = train.TrainConfig(**train.QUICK)
 
@@ -112,7 +113,7 @@ def test_get_batch_targets_are_inputs_shifted_by_one():
     data = torch.arange(1000)
     x, y = train.get_batch(data, 4, 8, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 8)
-    assert torch.equal(y, x + 1)  # data[i] = i, so the next token is the id plus one
+    assert_same(y, x + 1, "targets (data[i] = i: the next token is the id plus one)")
 
 
 def test_warm_up_reaches_the_peak_on_its_last_step_then_decays_to_a_tenth():
@@ -147,7 +148,8 @@ def test_checkpoint_round_trip_and_every_damage_is_a_one_line_error(tmp_path):
     path = str(tmp_path / "c.pt")
     sample.save_checkpoint({"weights": torch.arange(1000.0), "step": 3}, path)
     ckpt = sample.read_checkpoint(path)
-    assert ckpt["step"] == 3 and torch.equal(ckpt["weights"], torch.arange(1000.0))
+    assert ckpt["step"] == 3
+    assert_same(ckpt["weights"], torch.arange(1000.0), "weights read back from the checkpoint")
     good = open(path, "rb").read()
     half = len(good) // 2
     damages = {"middle": lambda d: d[:half] + bytes([d[half] ^ 1]) + d[half + 1:],
@@ -211,8 +213,9 @@ def test_resumed_run_reaches_the_same_weights_bit_for_bit(tmp_path, method, drop
         fine_tune_steps(tmp_path / "b", method, dropout, crash_at=8)
     assert sample.read_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 5
     resumed = fine_tune_steps(tmp_path / "b", method, dropout, resume=True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    resumed_state = resumed.state_dict()
+    for name, tensor in straight.state_dict().items():
+        assert_same(resumed_state[name], tensor, f"{name} resumed vs straight through")
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora", "vera"])
@@ -228,7 +231,7 @@ def test_dropout_reaches_every_adapter(method):
     model.train()
     assert not torch.equal(model(x)[0], model(x)[0])  # two dropout masks, two outputs
     model.eval()
-    assert torch.equal(model(x)[0], model(x)[0])
+    assert_same(model(x)[0], model(x)[0], "logits in eval mode (no dropout), second vs first")
 
 
 def test_a_non_finite_loss_or_gradient_stops_the_loop_naming_the_step():
@@ -283,7 +286,9 @@ def test_quick_run_writes_each_method_in_peft_format_and_a_run_file():
         assert rows[train.METHODS.index(method)]["adapter_bytes"] == sample.path_bytes(path)
     state, _ = safetensors_io.load_file(os.path.join(folder, "full.safetensors"))
     trained = sample.read_checkpoint(os.path.join(folder, "finetune-full.pt"))["model"]
-    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
+    assert state.keys() == trained.keys()
+    for k in state:
+        assert_same(state[k], trained[k], f"{k} in full.safetensors vs the checkpoint")
     run = sample.read_json(os.path.join(folder, "run.json"))
     assert set(run) == {"base", *train.METHODS}
     assert run["lora"]["options"]["rank"] == 8 and run["qlora"]["options"]["quantization"] == \
@@ -344,7 +349,8 @@ def test_a_corrupt_pretraining_cache_is_set_aside_and_built_again(tmp_path, caps
     assert status == 0 and f"{name} does not match its SHA-256" in err and "set aside" in err
     assert os.path.exists(os.path.join(folder, name + ".corrupt"))
     rebuilt = sample.read_checkpoint(os.path.join(folder, name))["model"]
-    assert all(torch.equal(original[key], rebuilt[key]) for key in original)  # same seed, same bits
+    for key in original:  # same seed, same bits
+        assert_same(rebuilt[key], original[key], f"{key} rebuilt vs the original cache")
 
 
 # ------------------------------------------------------------------------------------- resume
@@ -396,7 +402,9 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     assert row["ms_per_step"] is None  # no step left to run
     after = safetensors_io.load_file(os.path.join(folder, "adapter-vera",
                                                   "adapter_model.safetensors"))[0]
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert_same(after[k], before[k], f"{k} after resuming a finished run")
 
 
 def test_qlora_with_half_the_state_as_budget_pages_and_gives_the_same_weights(tmp_path, capsys):
@@ -412,7 +420,8 @@ def test_qlora_with_half_the_state_as_budget_pages_and_gives_the_same_weights(tm
         p.numel() for p in unpaged.values()) * 8  # the rule: budget, or one parameter's state
     again = safetensors_io.load_file(tensors)[0]
     assert unpaged.keys() == again.keys()
-    assert all(torch.equal(unpaged[key], again[key]) for key in unpaged)
+    for key in unpaged:
+        assert_same(again[key], unpaged[key], f"{key} trained paged vs unpaged")
 
 
 # ------------------------------------------------------------------------------- command line
