@@ -25,6 +25,7 @@ import oracle_golden
 import paged_optim
 import safetensors_io
 import vera
+from assertions import assert_same
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = 3  # drawn cases beyond the explicit ones; those alone catch every mistake below
@@ -160,7 +161,8 @@ def variant(fn, **options):
 def test_naive_argmin_takes_the_upper_code_at_6_of_15_nf4_midpoints():
     code = nf4.nf4_code()
     midpoints = (code[:-1] + code[1:]) / 2
-    assert torch.equal(nearest_by_midpoints(midpoints, code), torch.arange(15))  # the lower code
+    assert_same(nearest_by_midpoints(midpoints, code), torch.arange(15),
+                "NF4 code picked at each midpoint (the lower one)")
     assert int((nearest_by_argmin(midpoints, code) != torch.arange(15)).sum()) == 6
     dynamic = nf4.dynamic_code()
     midpoints = (dynamic[:-1] + dynamic[1:]) / 2
@@ -181,7 +183,8 @@ def test_tie_cases_put_scaled_values_exactly_on_the_midpoints():
     assert int(ties.sum()) == 84  # every midpoint m with 1 + m - 1 == m in float32
     naive_wrong = nearest_by_argmin(centred, dynamic) != nearest_by_midpoints(centred, dynamic)
     assert int((naive_wrong & ties).sum()) == 21
-    assert torch.equal(q.absmax.long(), nearest_by_midpoints(centred, dynamic))
+    assert_same(q.absmax.long(), nearest_by_midpoints(centred, dynamic),
+                "8-bit absmax codes at the dynamic-map ties", blocksize=nf4.NESTED_BLOCKSIZE)
 
 
 # ----------------------------------------------------------------------------- accepting
@@ -401,12 +404,14 @@ def test_golden_nf4_files_hold_bitsandbytes_bytes(golden):
         packed, state = bnb.functional.quantize_4bit(
             tensors["w"], blocksize=case["args"]["blocksize"], quant_type="nf4",
             compress_statistics=double_quant)
-        assert torch.equal(tensors["packed"], packed.reshape(-1)), case["file"]
+        theirs = f"{case['file']} vs bitsandbytes"
+        assert_same(tensors["packed"], packed.reshape(-1), f"packed NF4 bytes, {theirs}",
+                    blocksize=case["args"]["blocksize"] // 2)  # two 4-bit codes a byte
         if not double_quant:
-            assert torch.equal(tensors["absmax"], state.absmax), case["file"]
+            assert_same(tensors["absmax"], state.absmax, f"absmax, {theirs}")
             continue
-        assert torch.equal(tensors["offset"], state.offset), case["file"]
-        assert torch.equal(tensors["nested_absmax"], state.state2.absmax), case["file"]
+        assert_same(tensors["offset"], state.offset, f"offset, {theirs}")
+        assert_same(tensors["nested_absmax"], state.state2.absmax, f"nested_absmax, {theirs}")
         # bitsandbytes' CPU path picks the 8-bit code through a 65,536-bin table, not always the
         # nearest one: ours must be at least as near to each scale, so compare the distances
         scales = plain_quantize(tensors["w"], case["args"]["blocksize"], False)["absmax"]
@@ -427,8 +432,8 @@ def test_golden_files_load_with_the_safetensors_package(golden):
         assert set(theirs) == set(ours) == set(case["inputs"]) | set(case["outputs"])
         for name, tensor in ours.items():
             assert tensor.dtype == theirs[name].dtype and tensor.shape == theirs[name].shape
-            assert torch.equal(tensor.view(-1).view(torch.uint8), theirs[name].view(-1).view(
-                torch.uint8)), (case["file"], name)
+            assert_same(tensor.view(-1).view(torch.uint8), theirs[name].view(-1).view(torch.uint8),
+                        f"bytes of {name} in {case['file']}, ours vs the safetensors package")
 
 
 # ----------------------------------------------------------------------------- docs/oracle.md
