@@ -7,6 +7,7 @@ import torch
 
 import sample
 import train
+from assertions import assert_same
 from test_train import copy_of_quick_run, flip_byte, one_line, quick_run
 
 METHODS = ("base",) + train.METHODS
@@ -65,7 +66,8 @@ def test_the_loaded_model_is_the_trained_one_bit_for_bit():
     saved = sample.read_checkpoint(os.path.join(folder, "finetune-dora.pt"))["model"]
     state = model.state_dict()
     assert set(saved) == set(state)
-    assert all(torch.equal(saved[key], state[key]) for key in saved)
+    for key in saved:
+        assert_same(state[key], saved[key], f"{key} loaded by sample.load_model vs the checkpoint")
 
 
 def test_a_missing_run_or_method_says_which_command_makes_it(tmp_path, capsys):
