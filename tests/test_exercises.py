@@ -1,35 +1,29 @@
-"""Every exercise of docs/exercises.md is honest: its tests pass on the real code (the rest of the
-suite runs them), and fail when the function is blanked or replaced by a known wrong answer.
+"""Every exercise of docs/exercises.md is honest: its tests pass on the real code, and fail when the
+function is blanked or replaced by one of its known wrong answers.
 
-Each check runs the exercise's own tests in a nested pytest session in this process
-(`pytest.main` with the `exercise` profile: few examples, no shrinking; see QUIET), with the
-function substituted, and asserts
-that at least one of them fails. Only test files whose text mentions `mark.exercise` are collected
-to find the markers: a file that marks no test costs nothing.
+All of it happens in one nested pytest session in this process: it collects the test files that
+mark tests for exercises once, then, instead of pytest's own loop, runs each exercise's tests under
+the `exercise` Hypothesis settings (few examples, no shrinking) once on the real code and once per
+variant (blanked, each wrong answer) with the function substituted, stopping a variant at its first
+failing test. The tests below read the outcomes, so a red one names the exercise and the variant.
 """
+import contextlib
 import functools
 import os
 
 import pytest
+from _pytest.runner import runtestprotocol
+from hypothesis import settings
 
 import exercises
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# The nested sessions only need to know whether a test failed: stop at the first failure and leave
-# out what costs time there (tracebacks; Hypothesis' failure patches, which import a parser; the
-# unraisable-exception plugin's five full garbage collections at each session's end).
-QUIET = ["-x", "-q", "--tb=no", "--no-header", "-p", "no:cacheprovider",
-         "-p", "no:hypothesispytest", "-p", "no:unraisableexception"]
-
-
-class Outcomes:
-    """A pytest plugin that counts what the nested session's tests did."""
-    def __init__(self):
-        self.passed, self.failed = [], []
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or report.failed:
-            (self.failed if report.failed else self.passed).append(report.nodeid)
+# The nested session only needs to know whether a test failed: no tracebacks, no Hypothesis failure
+# patches (they import a parser), none of the unraisable-exception plugin's garbage collections.
+QUIET = ["-q", "--tb=no", "--no-header", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+         "-p", "no:unraisableexception", "-p", "no:warnings"]
+REAL = "real code"
+BLANKED = "blanked"
 
 
 def files_with_markers() -> list[str]:
@@ -39,60 +33,119 @@ def files_with_markers() -> list[str]:
     return [path for path in paths if "mark.exercise" in open(path, encoding="utf-8").read()]
 
 
-@functools.cache
-def marked_tests() -> dict:
-    """{exercise: [test node ids]}, from one collection of the files that mark tests."""
-    collector = CollectMarkers()
-    pytest.main(files_with_markers() + ["--collect-only", "-q", "-p", "no:cacheprovider"],
-                plugins=[collector])
-    return collector.found
+def failures(items, stop_at_first: bool) -> list[str]:
+    """Run the test items (setup, call, teardown) and return the node ids of those that failed."""
+    failed = []
+    for item in items:
+        reports = runtestprotocol(item, log=False, nextitem=None)
+        if any(report.failed for report in reports):
+            failed.append(item.nodeid)
+            if stop_at_first:
+                break
+    return failed
 
 
-def run_exercise(name: str) -> Outcomes:
-    """Run the exercise's tests (only their files are collected, which keeps this fast)."""
-    outcomes = Outcomes()
-    files = sorted({node.split("::")[0] for node in marked_tests().get(name, [])})
-    assert files, f"no test is marked for exercise {name}"
-    root = os.path.dirname(TESTS)
-    code = pytest.main([os.path.join(root, f) for f in files] +
-                       ["--exercise", name, *QUIET],
-                       plugins=[outcomes])
-    assert code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), (name, code)
-    return outcomes
+@contextlib.contextmanager
+def exercise_settings(items):
+    """Hypothesis binds a test's settings when its module is imported (here by the outer session,
+    under its own profile): for the honesty run, each test takes the exercise profile's settings
+    (few examples, no shrinking), and fewer examples still if its own settings ask for fewer."""
+    profile, saved = settings.get_profile("exercise"), {}
+    for item in items:
+        test = getattr(item.obj, "__func__", item.obj)
+        if getattr(test, "is_hypothesis_test", False) and test not in saved:
+            saved[test] = bound = test._hypothesis_internal_use_settings
+            test._hypothesis_internal_use_settings = settings(
+                profile, max_examples=min(profile.max_examples, bound.max_examples))
+    try:
+        yield
+    finally:
+        for test, bound in saved.items():
+            test._hypothesis_internal_use_settings = bound
 
 
-@pytest.mark.parametrize("exercise", exercises.EXERCISES, ids=lambda e: e.name)
-def test_blanked_function_fails_its_exercise(exercise):
-    with exercises.blanked(exercise.name):
-        outcomes = run_exercise(exercise.name)
-    assert outcomes.failed, f"{exercise.name} blanked, yet all its tests pass: {outcomes.passed}"
+class HonestyRun:
+    """A plugin for the nested session: the exercises' tests, on the real code and each variant.
 
-
-WRONG = [(e, label) for e in exercises.EXERCISES for label in e.wrong_answers]
-
-
-@pytest.mark.parametrize("exercise,label", WRONG, ids=[f"{e.name}-{label}" for e, label in WRONG])
-def test_known_wrong_answer_is_rejected(exercise, label):
-    with exercises.substituted(exercise.name, exercise.wrong_answers[label]):
-        outcomes = run_exercise(exercise.name)
-    assert outcomes.failed, f"{exercise.name}: the wrong answer '{label}' passes every test"
-
-
-def test_every_exercise_has_tests_and_every_marker_an_exercise():
-    found = marked_tests()
-    listed = [e.name for e in exercises.EXERCISES]
-    assert len(listed) == len(set(listed)), "an exercise is listed twice"
-    assert set(found) == set(listed), (
-        f"marked but not listed: {sorted(set(found) - set(listed))}; "
-        f"listed but no test marked: {sorted(set(listed) - set(found))}")
-
-
-class CollectMarkers:
+    outcomes[(exercise, variant)] = the failed node ids; marked[exercise] = its tests' node ids.
+    """
     def __init__(self):
-        self.found = {}
+        self.outcomes, self.marked, self.items = {}, {}, {}
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
             for mark in item.iter_markers("exercise"):
                 for name in mark.args:
-                    self.found.setdefault(name, []).append(item.nodeid)
+                    self.items.setdefault(name, []).append(item)
+        self.marked = {name: [item.nodeid for item in found] for name, found in self.items.items()}
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session):
+        with exercise_settings([item for found in self.items.values() for item in found]):
+            for exercise in exercises.EXERCISES:
+                self.check(exercise)
+        return True  # pytest's own loop does not run
+
+    def check(self, exercise):
+        items = self.items.get(exercise.name, [])
+        self.outcomes[exercise.name, REAL] = failures(items, stop_at_first=False)
+        variants = {BLANKED: exercises.blanked(exercise.name)}
+        variants.update({label: exercises.substituted(exercise.name, wrong)
+                         for label, wrong in exercise.wrong_answers.items()})
+        for label, substitution in variants.items():
+            with substitution:
+                self.outcomes[exercise.name, label] = failures(items, stop_at_first=True)
+                if label == BLANKED:  # the exercises it says it breaks: do they?
+                    for other in exercise.breaks:
+                        self.outcomes[other, f"while {exercise.name} is blanked"] = failures(
+                            self.items.get(other, []), stop_at_first=True)
+
+
+@functools.cache
+def honesty_run() -> HonestyRun:
+    run = HonestyRun()
+    code = pytest.main(files_with_markers() + QUIET, plugins=[run])
+    assert code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), f"nested session: {code}"
+    return run
+
+
+NAMES = [e.name for e in exercises.EXERCISES]
+WRONG = [(e.name, label) for e in exercises.EXERCISES for label in e.wrong_answers]
+BREAKS = [(e.name, other) for e in exercises.EXERCISES for other in e.breaks]
+
+
+def test_every_exercise_has_tests_and_every_marker_an_exercise():
+    marked = honesty_run().marked
+    assert len(NAMES) == len(set(NAMES)), "an exercise is listed twice"
+    assert set(marked) == set(NAMES), (
+        f"marked but not listed: {sorted(set(marked) - set(NAMES))}; "
+        f"listed but no test marked: {sorted(set(NAMES) - set(marked))}")
+    assert all(other in NAMES and other != name for name, other in BREAKS), BREAKS
+
+
+def test_at_least_15_exercises_over_7_modules():
+    modules = {name.split(".")[0] for name in NAMES}
+    assert len(NAMES) >= 15 and len(modules) >= 7, (len(NAMES), sorted(modules))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_its_tests_pass_on_the_real_code(name):
+    assert honesty_run().marked.get(name), f"no test is marked for {name}"
+    failed = honesty_run().outcomes[name, REAL]
+    assert not failed, f"{name}: on the real code, in the exercise profile, these fail: {failed}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blanked_function_fails_its_exercise(name):
+    assert honesty_run().outcomes[name, BLANKED], f"{name} blanked, yet all its tests pass"
+
+
+@pytest.mark.parametrize("name,label", WRONG, ids=[f"{n}-{label}" for n, label in WRONG])
+def test_known_wrong_answer_is_rejected(name, label):
+    assert honesty_run().outcomes[name, label], f"{name}: the wrong answer '{label}' passes"
+
+
+@pytest.mark.parametrize("name,other", BREAKS, ids=[f"{n}-breaks-{o}" for n, o in BREAKS])
+def test_what_a_blank_is_said_to_break_it_breaks(name, other):
+    assert honesty_run().outcomes[other, f"while {name} is blanked"], (
+        f"{name}'s entry says blanking it breaks {other}, but {other}'s tests pass")
