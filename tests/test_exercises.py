@@ -10,6 +10,7 @@ failing test. The tests below read the outcomes, so a red one names the exercise
 import contextlib
 import functools
 import os
+import re
 
 import pytest
 from _pytest.runner import runtestprotocol
@@ -149,3 +150,32 @@ def test_known_wrong_answer_is_rejected(name, label):
 def test_what_a_blank_is_said_to_break_it_breaks(name, other):
     assert honesty_run().outcomes[other, f"while {name} is blanked"], (
         f"{name}'s entry says blanking it breaks {other}, but {other}'s tests pass")
+
+
+def exercise_sections() -> dict:
+    """{exercise name: its section's text} from docs/exercises.md, in the page's order."""
+    with open(os.path.join(os.path.dirname(TESTS), "docs", "exercises.md"), encoding="utf-8") as f:
+        parts = re.split(r"^### `([^`]+)`", f.read(), flags=re.M)
+    return {name: text.split("\n## ")[0] for name, text in zip(parts[1::2], parts[2::2])}
+
+
+def test_the_docs_page_has_every_exercise_in_order_with_its_command():
+    assert list(exercise_sections()) == NAMES, "docs/exercises.md: sections in teaching order"
+    for exercise in exercises.EXERCISES:
+        text = exercise_sections()[exercise.name]
+        assert f"**Check:** `python -m pytest --exercise {exercise.name}`" in text, exercise.name
+        for field in ("**Read:**", "**Write:**", "**Hints:**"):
+            assert field in text, (exercise.name, field)
+
+
+@pytest.mark.parametrize("exercise", exercises.EXERCISES, ids=NAMES)
+def test_the_docs_page_lists_its_wrong_answers_and_what_a_blank_breaks(exercise):
+    text = exercise_sections()[exercise.name]
+    listed = re.findall(r"^- \*\*(.+?)\*\*:", text.split("**Wrong answers the tests reject:**")[-1],
+                        flags=re.M)
+    assert listed == list(exercise.wrong_answers), (exercise.name, listed)
+    breaks = re.search(r"\*\*Blanking it also breaks:\*\* (.*)", text)
+    assert breaks, f"{exercise.name}: no 'Blanking it also breaks:' line"
+    said = set(re.findall(r"`([\w.]+)`", breaks.group(1)))
+    assert said == set(exercise.breaks), (exercise.name, said, exercise.breaks)
+    assert exercise.breaks or breaks.group(1).startswith("nothing else"), exercise.name
