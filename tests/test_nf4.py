@@ -1,11 +1,13 @@
 """Tests for nf4.py: properties of the format, the fast paths against the plain math, edge cases
 and bad input, and bitsandbytes as the byte-level oracle.
 
-Tolerances: bytes, indices, absmax, offsets and dequantized values that bitsandbytes also computes
-are compared with torch.equal (bit equality), and the fast paths with the plain functions by
-assert_same (bit equality, after a tolerance check that tells wrong math from other rounding).
+Tolerances: bytes, indices, absmax, offsets and dequantized values that bitsandbytes also computes,
+and the fast paths against the plain functions, are compared bit for bit by assert_same (after a
+tolerance check that tells wrong math from other rounding; bytes and values name their block).
 Error bounds are per element, in float64, with the slack of float32 arithmetic and of the output
-dtype's rounding stated where they are used.
+dtype's rounding stated where they are used. Tests marked `exercise` check the functions a student
+rebuilds (docs/exercises.md); they call the plain functions directly where they can, so that one
+blanked function fails as few other exercises as possible.
 """
 import contextlib
 import copy
@@ -23,6 +25,14 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # log10 of the weight scale per input dtype: wide for float32/bfloat16, and within float16's normal
 # range (6e-5 .. 65504) so that neither the input nor code * absmax falls into float16's subnormals.
 SCALE_EXPONENTS = {torch.float32: (-30, 30), torch.bfloat16: (-30, 30), torch.float16: (-2, 2)}
+
+# bitsandbytes' NF4 table (get_4bit_type("nf4"), 0.50.2), its float32 values in hex: tested equal to
+# bitsandbytes' below, and used by the tie tests so that they need no nf4.nf4_code().
+NF4_TABLE = torch.tensor([float.fromhex(h) for h in (
+    "-0x1p+0", "-0x1.647362p-1", "-0x1.0cd66p-1", "-0x1.94654p-2", "-0x1.23449ap-2",
+    "-0x1.7a6a7ep-3", "-0x1.74f0e2p-4", "0x0p+0", "0x1.45f5fep-4", "0x1.4995c6p-3",
+    "0x1.f809bap-3", "0x1.5a0674p-2", "0x1.c3497p-2", "0x1.200f56p-1", "0x1.722766p-1",
+    "0x1p+0")], dtype=torch.float32)
 
 
 @st.composite
@@ -42,24 +52,44 @@ def weights(draw, max_numel=600):
     return w.to(dtype).reshape(dims)
 
 
-@st.composite
-def tie_weights(draw, max_numel=600):
-    """(w, blocksize) whose scaled values sit exactly on NF4 midpoints, their float32 neighbours,
-    the code values and zeros: each block holds +-2^e, so c_b = 2^e and s = w / 2^e exactly, in
-    full blocks (w * 2^-e) and a partial last one (w / 2^e) alike. Some blocks are all zero."""
-    blocksize = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES[:3]))
-    code = nf4.nf4_code()
-    midpoints = (code[:-1] + code[1:]) / 2
-    pool = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
-                      torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([-0.0])])
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    n = draw(st.integers(1, max_numel))
+# 2^e scales of tie_weights: float16 keeps the smallest tie value (~0.04 2^-8) a normal number
+TIE_EXPONENTS = {torch.float32: (-60, 60), torch.bfloat16: (-60, 60), torch.float16: (-8, 8)}
+
+
+def tie_values(dtype):
+    """The NF4 midpoints in `dtype` and their neighbours either side, the code values and -0.0.
+    float32 holds each midpoint exactly (a tie); float16 and bfloat16 hold none of them, so their
+    values are the nearest 16-bit ones either side of each midpoint."""
+    midpoints = ((NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2).to(dtype)
+    up, down = torch.tensor(2.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
+    return torch.cat([midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down),
+                      NF4_TABLE.to(dtype), torch.tensor([-0.0], dtype=dtype)])
+
+
+def tie_weight(n, blocksize, dtype, exponent, generator, zero_block=None):
+    """n values of tie_values(dtype), each block led by +-1, times 2^exponent: c_b = 2^e and
+    s = w / 2^e exactly, in full blocks (w * 2^-e) and a partial last one (w / 2^e) alike; block
+    `zero_block` all zero."""
+    pool = tie_values(dtype)
     w = pool[torch.randint(len(pool), (n,), generator=generator)]
     signs = torch.rand(w[::blocksize].shape, generator=generator) < 0.5
-    w[::blocksize] = torch.where(signs, -1.0, 1.0)  # each block's absmax: exactly 1, then 2^e
-    zero_block = draw(st.integers(0, (n - 1) // blocksize))
-    w[zero_block * blocksize:(zero_block + 1) * blocksize] = 0.0
-    return w * 2.0 ** draw(st.integers(-60, 60)), blocksize
+    w[::blocksize] = torch.where(signs, -1.0, 1.0).to(dtype)  # each block's absmax: exactly 1
+    if zero_block is not None:
+        w[zero_block * blocksize:(zero_block + 1) * blocksize] = 0.0
+    return w * 2.0 ** exponent
+
+
+@st.composite
+def tie_weights(draw):
+    """(w, blocksize): tie_weight of up to 2.5 blocks of any allowed size, in any input dtype;
+    with more than one block, one of them all zero."""
+    blocksize = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES))
+    dtype = draw(st.sampled_from(DTYPES))
+    n = draw(st.integers(1, 2 * blocksize + blocksize // 2))
+    zero_block = draw(st.integers(0, (n - 1) // blocksize)) if n > blocksize else None
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    exponent = draw(st.integers(*TIE_EXPONENTS[dtype]))
+    return tie_weight(n, blocksize, dtype, exponent, generator, zero_block), blocksize
 
 
 @contextlib.contextmanager
@@ -83,11 +113,13 @@ def per_element_absmax(absmax, blocksize, n):
 
 
 # ----------------------------------------------------------------------------- code tables
+@pytest.mark.exercise("nf4.nf4_code")
 def test_nf4_code_structure_and_quantiles():
     code = nf4.nf4_code()
     assert code.dtype == torch.float32 and code.shape == (16,)
-    assert bool((code[1:] > code[:-1]).all())
-    assert code[0] == -1.0 and code[-1] == 1.0 and code[nf4.NF4_ZERO_INDEX] == 0.0
+    assert bool((code[1:] > code[:-1]).all()), f"not strictly increasing: {code.tolist()}"
+    ends = torch.stack([code[0], code[nf4.NF4_ZERO_INDEX], code[-1]])
+    assert_same(ends, torch.tensor([-1.0, 0.0, 1.0]), "code[0], code[7], code[15]: -1, 0, 1")
     # an independent float64 route: Phi^-1 at evenly spaced probabilities from the offset to 1/2,
     # normalised by Phi^-1(offset). It differs from bitsandbytes' float32 route by rounding only.
     from scipy.stats import norm
@@ -96,10 +128,22 @@ def test_nf4_code_structure_and_quantiles():
         return torch.linspace(nf4.NF4_OFFSET, 0.5, count + 1, dtype=torch.float64)[:-1].numpy()
     positive = norm.ppf(probabilities(8)) / top
     negative = -norm.ppf(probabilities(7)) / top
-    torch.testing.assert_close(code[8:].double(), torch.tensor(positive).flip(0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(code[:7].double(), torch.tensor(negative), rtol=1e-6, atol=0)
+    # rtol 1e-6: the float32 route rounds p before Phi^-1 and divides in float32 (it lands up to 6
+    # ulps, 3.6e-7 relative, from the float64 values)
+    assert_same(code[8:].double(), torch.tensor(positive).flip(0), "positive values",
+                exact=False, rtol=1e-6, atol=0)
+    assert_same(code[:7].double(), torch.tensor(negative), "negative values", exact=False,
+                rtol=1e-6, atol=0)
     code.zero_()  # callers get copies: the cached table stays intact
     assert nf4.nf4_code()[0] == -1.0 and nf4.dynamic_code()[0] != 0
+
+
+@pytest.mark.exercise("nf4.nf4_code")
+def test_nf4_code_has_bitsandbytes_float32_bits():
+    """The quantiles in float32 as bitsandbytes computes them, then divided by the largest in
+    float32: the same formula in float64, rounded at the end, is off by up to 6 ulps in 10 of the 16
+    values, and every quantized byte depends on these bits."""
+    assert_same(nf4.nf4_code(), NF4_TABLE, "NF4 code")
 
 
 def test_dynamic_code_structure():
@@ -120,20 +164,28 @@ def test_storage_formula():
 
 
 # ----------------------------------------------------------------------------- nearest code
+@pytest.mark.exercise("nf4.nearest_code_index")
 def test_midpoints_take_the_lower_code():
-    nearest_nf4 = [lambda s, code: nf4.nearest_code_index(s, code),
-                   lambda s, code: nf4.nearest_nf4_index_lookup(s)]  # the plain rule, the fast one
-    for code, rules in ((nf4.nf4_code(), nearest_nf4), (nf4.dynamic_code(), nearest_nf4[:1])):
+    """The float32 midpoint (q_k + q_k+1) / 2 itself takes the lower code k, as bitsandbytes (its
+    comparisons are strict). The naive argmin |s - q| gets 6 of the 15 NF4 midpoints wrong: there
+    the two float32 distances are not equal, and the smaller one is the upper code's."""
+    nearest_nf4 = {"nearest_code_index": lambda s, code: nf4.nearest_code_index(s, code),
+                   "nearest_nf4_index_lookup": lambda s, code: nf4.nearest_nf4_index_lookup(s)}
+    for table, code in (("NF4", NF4_TABLE), ("dynamic", nf4.dynamic_code())):
         midpoints = (code[:-1] + code[1:]) / 2
         below = torch.nextafter(midpoints, torch.tensor(-2.0))
         above = torch.nextafter(midpoints, torch.tensor(2.0))
         lower = torch.arange(code.numel() - 1, dtype=torch.uint8)
-        for nearest in rules:
-            assert torch.equal(nearest(midpoints, code), lower)
-            assert torch.equal(nearest(below, code), lower)
-            assert torch.equal(nearest(above, code), lower + 1)
+        for rule, nearest in nearest_nf4.items():
+            if table == "dynamic" and rule != "nearest_code_index":
+                continue  # the lookup holds the NF4 table only
+            assert_same(nearest(midpoints, code), lower, f"{rule}: k at the {table} midpoints")
+            assert_same(nearest(below, code), lower, f"{rule}: k just below the {table} midpoints")
+            assert_same(nearest(above, code), lower + 1,
+                        f"{rule}: k just above the {table} midpoints")
 
 
+@pytest.mark.exercise("nf4.nearest_code_index")
 @given(st.lists(st.floats(-1, 1, width=32), min_size=2, max_size=40, unique=True),
        st.lists(st.floats(-2, 2, width=32), min_size=1, max_size=30))
 def test_nearest_code_index_counts_the_midpoints_below(values, scaled):
@@ -142,7 +194,8 @@ def test_nearest_code_index_counts_the_midpoints_below(values, scaled):
     midpoints = ((code[:-1] + code[1:]) / 2).tolist()  # float32 values, exactly as Python floats
     scaled += midpoints + [-math.inf, math.inf, -0.0]
     expected = [sum(m < s for m in midpoints) for s in scaled]  # the rule, one value at a time
-    assert nf4.nearest_code_index(torch.tensor(scaled), code).tolist() == expected
+    assert_same(nf4.nearest_code_index(torch.tensor(scaled), code),
+                torch.tensor(expected, dtype=torch.uint8), "k = #{midpoints below s}, random code")
 
 
 def test_each_lookup_bin_holds_at_most_one_nf4_midpoint():
@@ -153,7 +206,7 @@ def test_each_lookup_bin_holds_at_most_one_nf4_midpoint():
     tables = nf4._fast_tables(torch.device("cpu"))
     count_below, midpoint_in_bin = tables["count_below"].long(), tables["midpoint_in_bin"]
     assert count_below.tolist() == [int((bins < b).sum()) for b in range(nf4.LOOKUP_BINS + 1)]
-    assert torch.equal(midpoint_in_bin[bins.long()], midpoints)
+    assert_same(midpoint_in_bin[bins.long()], midpoints, "the midpoint held in each bin")
     assert int(torch.isfinite(midpoint_in_bin).sum()) == 15  # +inf in the other 50 bins
 
 
@@ -171,6 +224,26 @@ def test_nf4_lookup_equals_plain_nearest_code(values, seed):
     assert_same(nf4.nearest_nf4_index_lookup(scaled), nf4.nearest_code_index(scaled, code), "k")
 
 
+# ----------------------------------------------------------------------------- blockwise absmax
+@pytest.mark.exercise("nf4.blockwise_absmax")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blockwise_absmax_is_each_blocks_largest_magnitude(dtype):
+    """Blocks of 32 over the flattened (5, 21): three full, one all zero, a partial last one of 9;
+    the largest magnitude is negative in some blocks. float16 and bfloat16 values are float32s."""
+    x = torch.randn(105, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[10], x[40], x[100] = 5.0, -7.0, -3.0  # blocks 1 and 3 led by a negative value
+    x[64:96] = 0.0  # block 2
+    expected = torch.stack([block.abs().max() for block in x.float().split(32)])  # (4,)
+    assert_same(nf4.blockwise_absmax(x.view(5, 21), 32), expected, "c_b = max |x_i| in block b")
+
+
+@pytest.mark.exercise("nf4.blockwise_absmax")
+@given(weights(), blocksizes)
+def test_blockwise_absmax_equals_a_loop_over_blocks(w, blocksize):
+    expected = torch.stack([block.abs().max() for block in w.reshape(-1).float().split(blocksize)])
+    assert_same(nf4.blockwise_absmax(w, blocksize), expected, "c_b = max |x_i| in block b")
+
+
 @given(weights(), small_blocksizes, st.sampled_from(["nf4", "dynamic"]))
 def test_quantize_blockwise_picks_nearest_code(w, blocksize, table):
     code = nf4.nf4_code() if table == "nf4" else nf4.dynamic_code()
@@ -180,7 +253,7 @@ def test_quantize_blockwise_picks_nearest_code(w, blocksize, table):
     x = w.reshape(-1).double()
     # a Python loop over blocks: the reference
     blocks_absmax = torch.stack([b.abs().max() for b in x.split(blocksize)])
-    assert torch.equal(absmax.double(), blocks_absmax)
+    assert_same(absmax.double(), blocks_absmax, "absmax")
     scaled = x / per_element_absmax(blocks_absmax, blocksize, x.numel()).clamp(min=nf4.ABSMAX_FLOOR)
     distance = (scaled.unsqueeze(1) - code.double()).abs()  # (n, K)
     chosen = distance.gather(1, indices.reshape(-1, 1).long()).squeeze(1)
@@ -200,16 +273,20 @@ def test_dequantized_values_are_block_scaled_code_values(w, blocksize, double_qu
     for dequantize in (nf4.dequantize_nf4, nf4.dequantize_nf4_plain):
         out = dequantize(q)
         assert out.dtype == w.dtype and out.shape == w.shape
-        assert torch.equal(out.reshape(-1), expected)
-        assert torch.equal(dequantize(q, torch.float32).reshape(-1), values)
+        assert_same(out.reshape(-1), expected, f"{dequantize.__name__}: q[k] c_b in one rounding",
+                    blocksize=blocksize)
+        assert_same(dequantize(q, torch.float32).reshape(-1), values,
+                    f"{dequantize.__name__}: q[k] c_b in float32", blocksize=blocksize)
 
 
 # ----------------------------------------------------------------------------- fast = plain
-def assert_same_weight(fast, plain):
-    assert fast.metadata() == plain.metadata()
-    assert fast.tensors().keys() == plain.tensors().keys()
-    for name, tensor in plain.tensors().items():
-        assert_same(fast.tensors()[name], tensor, name, blocksize=fast.blocksize)
+def assert_same_weight(actual, expected, what=""):
+    """Every field bit for bit; a differing packed byte is named with its block of weights."""
+    assert actual.metadata() == expected.metadata(), what
+    assert actual.tensors().keys() == expected.tensors().keys(), what
+    for name, tensor in expected.tensors().items():  # B weights are B / 2 packed bytes
+        per_block = {"packed": actual.blocksize // 2}.get(name)  # absmax: one element a block
+        assert_same(actual.tensors()[name], tensor, f"{what}{name}", blocksize=per_block)
 
 
 @given(st.one_of(st.tuples(weights(), blocksizes), tie_weights()), st.booleans(), chunks)
@@ -227,6 +304,23 @@ def test_fast_dequantize_equals_plain(weight_and_blocksize, double_quant, chunk,
     q = nf4.quantize_nf4_plain(w, blocksize, double_quant)
     with chunk_sizes(*chunk):
         assert_same(nf4.dequantize_nf4(q, dtype), nf4.dequantize_nf4_plain(q, dtype), "w^")
+
+
+@pytest.mark.parametrize("blocksize", nf4.ALLOWED_BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_equals_plain_at_every_blocksize_and_input_dtype(blocksize, dtype):
+    """Each allowed blocksize with each input dtype for sure (the properties above draw them): an
+    odd count (two full blocks, the second all zero, and a partial one of B/2 + 1) of midpoint ties
+    or their nearest 16-bit values; chunks of one block, so that every chunk boundary is crossed."""
+    generator = torch.Generator().manual_seed(blocksize)
+    w = tie_weight(2 * blocksize + blocksize // 2 + 1, blocksize, dtype, -3, generator, 1)
+    with chunk_sizes(blocksize, blocksize // 2):  # B values, B / 2 bytes: one block a chunk
+        for double_quant in (False, True):
+            q = nf4.quantize_nf4_plain(w, blocksize, double_quant)
+            assert_same_weight(nf4.quantize_nf4(w, blocksize, double_quant), q,
+                               f"double_quant={double_quant}: ")
+            assert_same(nf4.dequantize_nf4(q), nf4.dequantize_nf4_plain(q), "w^",
+                        blocksize=blocksize)
 
 
 @given(st.integers(1, 3000), blocksizes, st.integers(0, 2**31 - 1), chunks)
@@ -263,9 +357,9 @@ def test_quantize_of_dequantize_is_a_fixed_point(w, blocksize, double_quant):
         true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax
         assume(bool((nf4.nf4_absmax(q)[true_absmax > 0] > 0).all()))
     again = nf4.quantize_nf4(nf4.dequantize_nf4(q), blocksize, double_quant)
-    assert torch.equal(again.packed, q.packed)
+    assert_same(again.packed, q.packed, "packed after a round trip", blocksize=blocksize // 2)
     if not double_quant:
-        assert torch.equal(again.absmax, q.absmax)
+        assert_same(again.absmax, q.absmax, "absmax after a round trip")
 
 
 @given(weights(), blocksizes, st.booleans())
@@ -286,14 +380,28 @@ def test_round_trip_error_is_bounded(w, blocksize, double_quant):
     assert bool((error <= bound).all())
 
 
+@pytest.mark.exercise("nf4.pack_nibbles")
+def test_pack_nibbles_puts_the_even_element_high_and_pads_with_the_zero_code():
+    """bitsandbytes' layout: byte j = k[2j] << 4 | k[2j+1]; an odd count ends with the index of
+    0.0 (7) in the low nibble of the last byte, so the pad dequantizes to 0."""
+    indices = torch.tensor([[1, 2, 15], [0, 9, 4]], dtype=torch.uint8)  # flattened: 1 2 15 0 9 4
+    assert_same(nf4.pack_nibbles(indices), torch.tensor([0x12, 0xF0, 0x94], dtype=torch.uint8),
+                "bytes of 1 2 | 15 0 | 9 4")
+    assert_same(nf4.pack_nibbles(indices.view(-1)[:5]),
+                torch.tensor([0x12, 0xF0, 0x90 | nf4.NF4_ZERO_INDEX], dtype=torch.uint8),
+                "bytes of 1 2 | 15 0 | 9, padded with the index of 0.0")
+
+
+@pytest.mark.exercise("nf4.pack_nibbles")
 @given(st.lists(st.integers(0, 15), max_size=300))
 def test_pack_unpack_round_trip_and_layout(values):
     indices = torch.tensor(values, dtype=torch.uint8)
     packed = nf4.pack_nibbles(indices)
     padded = values + [nf4.NF4_ZERO_INDEX] * (len(values) % 2)
     # the even element in the high nibble
-    assert packed.tolist() == [16 * padded[i] + padded[i + 1] for i in range(0, len(padded), 2)]
-    assert torch.equal(nf4.unpack_nibbles(packed, len(values)), indices)
+    expected = [16 * padded[i] + padded[i + 1] for i in range(0, len(padded), 2)]
+    assert_same(packed, torch.tensor(expected, dtype=torch.uint8), "packed bytes")
+    assert_same(nf4.unpack_nibbles(packed, len(values)), indices, "unpacked indices")
 
 
 @given(weights(max_numel=480), blocksizes, st.booleans())
@@ -303,11 +411,34 @@ def test_results_depend_only_on_flattened_values(w, blocksize, double_quant):
     q = nf4.quantize_nf4(w, blocksize, double_quant)
     r = nf4.quantize_nf4(w.reshape(other_shape), blocksize, double_quant)
     for name, tensor in q.tensors().items():
-        assert torch.equal(tensor, r.tensors()[name]), name
-    assert torch.equal(nf4.dequantize_nf4(r).reshape(w.shape), nf4.dequantize_nf4(q))
+        assert_same(r.tensors()[name], tensor, f"{name} of w reshaped to {other_shape}")
+    assert_same(nf4.dequantize_nf4(r).reshape(w.shape), nf4.dequantize_nf4(q),
+                "dequantized from the reshaped weight", blocksize=blocksize)
     non_contiguous = w.t().contiguous().t() if w.dim() == 2 else w
     transposed = nf4.quantize_nf4(non_contiguous, blocksize, double_quant)
-    assert torch.equal(transposed.packed, q.packed)  # non-contiguous input, same flattened values
+    # a non-contiguous input with the same flattened values
+    assert_same(transposed.packed, q.packed, "packed of a non-contiguous w",
+                blocksize=blocksize // 2)
+
+
+@pytest.mark.exercise("nf4.double_quantize")
+def test_double_quantize_centres_the_scales_then_quantizes_them_in_blocks_of_256():
+    """sec. 3: subtract the mean of the scales c2, then absmax-quantize them with the 8-bit dynamic
+    map in blocks of 256. 600 scales: nested blocks of 256, 256 and a partial 88."""
+    absmax = torch.rand(600, generator=torch.Generator().manual_seed(4)) * 3 + 0.5  # c_b > 0
+    codes, nested_absmax, offset = nf4.double_quantize(absmax)
+    assert_same(offset, absmax.mean(), "offset = mean(c2)")
+    centred = absmax - absmax.mean()
+    assert_same(nested_absmax, torch.stack([b.abs().max() for b in centred.split(256)]),
+                "c1 = max |c2 - offset| of each 256 scales")
+    assert codes.dtype == torch.uint8 and codes.shape == (600,)
+    # each code is the dynamic value nearest to (c2 - offset) / c1; 2^-22: float32 scaling
+    dynamic = nf4.dynamic_code().double()
+    target = centred.double() / per_element_absmax(nested_absmax.double(), 256, 600)
+    distance = (target.unsqueeze(1) - dynamic).abs()  # (600, 256)
+    chosen = distance.gather(1, codes.long().unsqueeze(1)).squeeze(1)
+    assert_same(chosen, distance.min(dim=1).values, "|dynamic[code] - target|, nearest",
+                exact=False, rtol=0, atol=2.0**-22)
 
 
 @given(weights(), small_blocksizes)
@@ -315,7 +446,7 @@ def test_double_quantized_absmax_within_dynamic_resolution(w, blocksize):
     true_absmax = nf4.quantize_nf4(w, blocksize, False).absmax
     q = nf4.quantize_nf4(w, blocksize, True)
     assert q.absmax.dtype == torch.uint8 and q.offset.dtype == torch.float32
-    assert torch.equal(q.offset, true_absmax.mean())  # "subtract the mean" (sec. 3)
+    assert_same(q.offset, true_absmax.mean(), "offset")  # "subtract the mean" (sec. 3)
     dynamic = nf4.dynamic_code().double()
     half_widest_gap = (dynamic[1:] - dynamic[:-1]).max() / 2  # 0.00703, near +-1
     nested = per_element_absmax(q.nested_absmax.double(), nf4.NESTED_BLOCKSIZE, true_absmax.numel())
@@ -352,10 +483,10 @@ def test_tensors_buffers_state_dict_round_trip():
     fresh.load_state_dict(module.state_dict())
     buffers = {name: getattr(fresh, name) for name in q.tensors()}
     restored = nf4.NF4Weight.from_tensors(buffers, **q.metadata())
-    assert torch.equal(nf4.dequantize_nf4(restored), nf4.dequantize_nf4(q))
+    assert_same_weight(restored, q, "restored from a state dict: ")
     moved = q.to("cpu")
-    assert moved is not q and moved.metadata() == q.metadata()
-    assert all(torch.equal(t, q.tensors()[k]) for k, t in moved.tensors().items())
+    assert moved is not q
+    assert_same_weight(moved, q, "moved: ")
 
 
 def test_inconsistent_fields_are_rejected():
@@ -379,7 +510,7 @@ def test_all_zero_blocks_dequantize_to_exact_zeros(dtype, double_quant):
         out = nf4.dequantize_nf4(q)
         assert not bool(out.isnan().any())
         assert bool((out[tensor == 0] == 0).all())
-    assert torch.equal(nf4.quantize_nf4(w, 64, False).absmax[1], torch.tensor(0.0))
+    assert nf4.quantize_nf4(w, 64, False).absmax[1].item() == 0.0
 
 
 def test_tiny_blocks_stay_finite_and_bounded():
@@ -560,12 +691,27 @@ def assert_nested_codes_nearest(ours, theirs, scales, q):
     return differ.double().mean().item()
 
 
+def assert_same_as_bnb(q, packed, state, double_quant):
+    """Our stored tensors against bitsandbytes': a differing byte is named with its block."""
+    assert_same(q.packed, packed.reshape(-1), "packed bytes vs bitsandbytes",
+                blocksize=q.blocksize // 2)  # B weights are B / 2 bytes
+    if double_quant:
+        assert_same(q.offset, state.offset, "offset vs bitsandbytes")
+        # one per 256 scales: the index is the nested block
+        assert_same(q.nested_absmax, state.state2.absmax, "nested_absmax vs bitsandbytes")
+    else:
+        assert_same(q.absmax, state.absmax, "absmax vs bitsandbytes (the index is the block)")
+
+
 def test_code_tables_match_bitsandbytes(bnb):
-    assert torch.equal(nf4.nf4_code(), bnb.functional.get_4bit_type("nf4", device="cpu")[:16])
-    assert torch.equal(nf4.dynamic_code(), bnb.functional.create_dynamic_map(signed=True))
+    nf4_table = bnb.functional.get_4bit_type("nf4", device="cpu")[:16]
+    assert_same(nf4.nf4_code(), nf4_table, "NF4 code vs bitsandbytes")
+    assert_same(NF4_TABLE, nf4_table, "this file's NF4 table vs bitsandbytes")
+    assert_same(nf4.dynamic_code(), bnb.functional.create_dynamic_map(signed=True),
+                "dynamic map vs bitsandbytes")
     _, state = bnb_quantize(bnb, torch.randn(64), 64, True)
-    assert torch.equal(nf4.nf4_code(), state.code[:16])
-    assert torch.equal(nf4.dynamic_code(), state.state2.code)
+    assert_same(nf4.nf4_code(), state.code[:16], "NF4 code vs bitsandbytes' state")
+    assert_same(nf4.dynamic_code(), state.state2.code, "dynamic map vs bitsandbytes' state")
 
 
 # sizes below, equal to and not a multiple of the blocksize; odd and even last dimensions (bnb takes
@@ -582,20 +728,21 @@ def test_same_bytes_as_bitsandbytes(bnb, shape, blocksize, dtype, double_quant):
     w = torch.randn(shape, generator=generator).to(dtype)
     packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
     q = nf4.quantize_nf4(w, blocksize, double_quant)
-    assert torch.equal(q.packed, packed.reshape(-1))
+    assert_same_as_bnb(q, packed, state, double_quant)
     if double_quant:
-        assert torch.equal(q.offset, state.offset)
-        assert torch.equal(q.nested_absmax, state.state2.absmax)
         scales = nf4.quantize_nf4(w, blocksize, False).absmax
         assert_nested_codes_nearest(q.absmax, state.absmax, scales, q)
     expected = bnb_dequantize(bnb, packed, state, shape)
     if not double_quant:
-        assert torch.equal(q.absmax, state.absmax) and torch.equal(nf4.dequantize_nf4(q), expected)
+        assert_same(nf4.dequantize_nf4(q), expected, "dequantized vs bitsandbytes",
+                    blocksize=blocksize)
     # our dequantizer on bitsandbytes' own state, nested codes included, gives its values exactly
     ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, shape, double_quant))
-    assert torch.equal(ours, expected)
+    assert_same(ours, expected, "dequantized bnb state vs bitsandbytes", blocksize=blocksize)
     if bnb_handles_shape(shape, blocksize):
-        assert torch.equal(ours, bnb.functional.dequantize_4bit(packed, state).reshape(shape))
+        assert_same(ours, bnb.functional.dequantize_4bit(packed, state).reshape(shape),
+                    "dequantized bnb state vs bitsandbytes' n-D dequantization",
+                    blocksize=blocksize)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -606,14 +753,13 @@ def test_medium_matrix_matches_bitsandbytes(bnb, dtype):
     w = (torch.randn(256, 1000, generator=generator) * rows).to(dtype)
     packed, state = bnb_quantize(bnb, w, 64, True)
     q = nf4.quantize_nf4(w, 64, True)
-    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.offset, state.offset)
-    assert torch.equal(q.nested_absmax, state.state2.absmax)
+    assert_same_as_bnb(q, packed, state, double_quant=True)
     scales = nf4.quantize_nf4(w, 64, False).absmax
     mismatch = assert_nested_codes_nearest(q.absmax, state.absmax, scales, q)
     assert mismatch < 0.01  # bitsandbytes reports ~0.15%
     expected = bnb.functional.dequantize_4bit(packed, state)  # 1000 % 16 != 0: bnb's scalar path
     ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, True))
-    assert torch.equal(ours, expected)
+    assert_same(ours, expected, "dequantized bnb state vs bitsandbytes", blocksize=64)
 
 
 def test_ties_zero_blocks_and_partial_block_division_match_bitsandbytes(bnb):
@@ -630,20 +776,21 @@ def test_ties_zero_blocks_and_partial_block_division_match_bitsandbytes(bnb):
                    torch.tensor([a, x])])
     packed, state = bnb_quantize(bnb, w, 64, False)
     q = nf4.quantize_nf4(w, 64, False)
-    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    assert_same_as_bnb(q, packed, state, double_quant=False)
     indices = nf4.unpack_nibbles(q.packed, w.numel())
-    assert torch.equal(indices[1:16].long(), torch.arange(15))
+    assert_same(indices[1:16].long(), torch.arange(15), "k of the midpoints (the lower code)")
     assert indices[129] != indices[193]  # same values, full block multiplies, partial block divides
     assert state.absmax[1] == 0 and bool((nf4.dequantize_nf4(q)[64:128] == 0).all())
     # all-zero blocks: bnb's 4-bit path stores absmax 0 for a full block, 1e-38 for a partial one
     zeros = torch.zeros(3, 70)
     packed, state = bnb_quantize(bnb, zeros, 64, False)
     q = nf4.quantize_nf4(zeros, 64, False)
-    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    assert_same_as_bnb(q, packed, state, double_quant=False)
     assert q.absmax.tolist() == [0.0, 0.0, 0.0, torch.tensor(nf4.ABSMAX_FLOOR).item()]
     packed, state = bnb_quantize(bnb, zeros, 64, True)
     q = nf4.quantize_nf4(zeros, 64, True)
-    assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.offset, state.offset)
+    assert_same(q.packed, packed.reshape(-1), "packed bytes vs bitsandbytes", blocksize=32)
+    assert_same(q.offset, state.offset, "offset vs bitsandbytes")
     assert bool((nf4.dequantize_nf4(q) == 0).all())
 
 
@@ -652,12 +799,7 @@ def test_ties_zero_blocks_and_partial_block_division_match_bitsandbytes(bnb):
 def test_random_weights_match_bitsandbytes(bnb, w, blocksize, double_quant):
     packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
     q = nf4.quantize_nf4(w, blocksize, double_quant)
-    assert torch.equal(q.packed, packed.reshape(-1))
-    if double_quant:
-        assert torch.equal(q.offset, state.offset)
-        assert torch.equal(q.nested_absmax, state.state2.absmax)
-    else:
-        assert torch.equal(q.absmax, state.absmax)
+    assert_same_as_bnb(q, packed, state, double_quant)
     expected = bnb_dequantize(bnb, packed, state, w.shape)
     ours = nf4.dequantize_nf4(nf4_weight_from_bnb(packed, state, w.shape, double_quant))
-    assert torch.equal(ours, expected)
+    assert_same(ours, expected, "dequantized bnb state vs bitsandbytes", blocksize=blocksize)
