@@ -6,9 +6,10 @@ this order, and stops at the first failure:
 2. a tolerance for the dtype (float32: rtol 1e-5, atol 1e-6): failing it means *wrong math*;
 3. bit equality (unless `exact=False`): failing only this means *right math, other rounding*, e.g.
    a different order of operations, which the message says in so many words.
-Each failure names the first differing index, both values, the largest difference and, for floats,
-the distance in ulps (units in the last place). `blocksize` (elements of the compared tensor a
-block: B for NF4 values, B / 2 for their packed bytes) adds the block the first difference is in.
+Each failure names the first differing index, both values (bytes in hex too), the largest
+difference and, for floats, the distance in ulps (units in the last place). `blocksize` (elements
+of the compared tensor a block: B for NF4 values, B / 2 for their packed bytes) adds the block the
+first difference is in.
 """
 from __future__ import annotations
 
@@ -48,9 +49,13 @@ def _index(flat_index: int, shape) -> tuple:
 def _report(actual, expected, differs, name, kind, blocksize=None) -> str:
     first = int(torch.nonzero(differs.reshape(-1))[0])
     a, e = actual.reshape(-1)[first].item(), expected.reshape(-1)[first].item()
+    if actual.dtype == torch.uint8:  # packed nibbles read best in hex: 0x21 against 0x12
+        a, e = f"{a} (0x{a:02x})", f"{e} (0x{e:02x})"
+    else:
+        a, e = repr(a), repr(e)
     lines = [f"{name}: {kind}",
              f"  {int(differs.sum())} of {differs.numel()} elements differ; the first at index "
-             f"{_index(first, actual.shape)}: got {a!r}, expected {e!r}"]
+             f"{_index(first, actual.shape)}: got {a}, expected {e}"]
     if blocksize is not None:
         lines[-1] += f" (block {first // blocksize} of {blocksize} elements)"
     if actual.is_floating_point():

@@ -47,7 +47,8 @@ def test_bytes_report_the_block():
     expected = torch.zeros(256, dtype=torch.uint8)
     actual = expected.clone()
     actual[100] = 7
-    with pytest.raises(AssertionError, match=r"index \(100,\): got 7, expected 0 \(block 3 of 32"):
+    with pytest.raises(AssertionError, match=r"index \(100,\): got 7 \(0x07\), expected 0 "
+                                             r"\(0x00\) \(block 3 of 32"):
         assert_same(actual, expected, "packed", blocksize=32)
 
 

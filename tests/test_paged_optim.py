@@ -3,7 +3,8 @@
 Oracles: torch.optim.AdamW(foreach=False) for the update, compared bit for bit (assert_same: the
 tolerance first, then the bits): the paged update runs the same float operations in the same order,
 so no tolerance is needed. For which pages move when: a twenty-line LRU model written here from the
-rule in PageTable's docstring.
+rule in PageTable's docstring. Tests marked `exercise` check the functions a student rebuilds
+(docs/exercises.md): adamw_step against AdamW directly, the page-out rule on a PageTable directly.
 """
 import io
 import math
@@ -75,6 +76,7 @@ def assert_same_state(actual_sd, expected_sd):
 
 # --- adamw_step and its batched forms ------------------------------------------------------------
 
+@pytest.mark.exercise("paged_optim.adamw_step")
 @given(shape=st.lists(st.integers(0, 9), max_size=3).map(tuple),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
        lr=st.floats(1e-6, 1.0), betas=st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.9999)),
@@ -104,6 +106,36 @@ def test_adamw_step_is_torch_adamw_bit_for_bit(shape, dtype, seed, lr, betas, ep
         assert_same(param, ref_param.detach(), f"param after step {step}")
         assert_same(exp_avg, ref.state[ref_param]["exp_avg"], "exp_avg")
         assert_same(exp_avg_sq, ref.state[ref_param]["exp_avg_sq"], "exp_avg_sq")
+
+
+def textbook_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """Algorithm 2's last lines as printed: m_hat and v_hat as tensors, then
+    lr m_hat / (sqrt(v_hat) + eps); torch divides sqrt(v) by sqrt(1 - beta2^t) instead and folds
+    1 / (1 - beta1^t) into the step size."""
+    beta1, beta2 = betas
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)  # m and v as torch computes them
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat, v_hat = exp_avg / (1 - beta1**step), exp_avg_sq / (1 - beta2**step)
+    param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+def test_textbook_adamw_is_right_math_other_rounding():
+    """The same formula in another order lands within float32's tolerance of torch's AdamW but
+    not on its bits; assert_same says so in those words (what a student who writes the textbook
+    form of adamw_step reads)."""
+    gen = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    ours = [param.clone(), torch.zeros(1000), torch.zeros(1000)]
+    textbook = [param.clone(), torch.zeros(1000), torch.zeros(1000)]
+    for step in (1, 2, 3):
+        adamw_step(ours[0], grad, ours[1], ours[2], step, 1e-3, (0.9, 0.999), 1e-8, 1e-2)
+        textbook_adamw_step(textbook[0], grad, textbook[1], textbook[2], step, 1e-3,
+                            (0.9, 0.999), 1e-8, 1e-2)
+    assert_same(textbook[0], ours[0], "textbook param", exact=False)  # the tolerance holds
+    with pytest.raises(AssertionError, match=r"(?s)textbook param: right math, other rounding.*"
+                                             r"ulps apart"):
+        assert_same(textbook[0], ours[0], "textbook param")
 
 
 @given(shapes=st.lists(st.lists(st.integers(0, 30), max_size=2).map(tuple), min_size=1,
@@ -157,6 +189,35 @@ def test_matches_torch_adamw_bit_for_bit(shapes, page_bytes, budget_fraction, st
     assert_same_state(paged.state_dict(), ref.state_dict())
 
 
+def assert_paged_out(victims, expected, why):
+    """The pages paged out, as (param_index, state_name, start), against the rule's."""
+    got = [(page.param_index, page.state_name, page.start) for page in victims]
+    assert got == expected, f"{why}: paged out {got}, expected {expected}"
+
+
+@pytest.mark.exercise("paged_optim.PageTable.over_budget")
+def test_over_budget_pages_out_the_least_recently_used_pages_of_other_parameters():
+    """Pages of 8 bytes (two float32), a budget of 32: A (4 elements, 4 pages), B (2 elements,
+    2 pages), C (6 elements, 6 pages, more than the budget)."""
+    table = paged_optim.PageTable(page_bytes=8, budget_bytes=32, stats=paged_optim.PagingStats())
+    a, b, c = (table.cut(torch.zeros(n), i) for i, n in enumerate((4, 2, 6)))
+    assert_paged_out(table.make_resident(a)[0], [], "A alone fills the budget")
+    assert_paged_out(table.make_resident(b)[0], [(0, "exp_avg", 0), (0, "exp_avg_sq", 0)],
+                     "B needs 16 bytes: A's first range is the least recently used")
+    assert_paged_out(table.make_resident(a)[0], [(1, "exp_avg", 0), (1, "exp_avg_sq", 0)],
+                     "A's first range comes back: B goes, not A's second range (A is in `keep`)")
+    assert_paged_out(table.over_budget(), [], "at the budget between updates")
+    assert_paged_out(table.make_resident(c)[0], [(0, name, start) for start in (0, 2)
+                                                 for name in STATE_NAMES],
+                     "C alone is 48 bytes: every page of A goes, C is resident whole")
+    assert table.stats.resident_bytes == 48
+    assert_paged_out(table.over_budget(), [(2, "exp_avg", 0), (2, "exp_avg_sq", 0)],
+                     "C trimmed to the budget after its update, its least recently used first")
+    stats = table.stats
+    assert (stats.resident_bytes, stats.page_outs, stats.bytes_out) == (32, 10, 80)
+    assert [page.location for page in c] == ["host"] * 2 + ["device"] * 4
+
+
 def reference_lru(numels, itemsize, page_bytes, budget, masks):
     """The documented rule, independently: returns (pages paged out in order, final LRU order)."""
     per_page = max(1, page_bytes // itemsize)
@@ -185,6 +246,7 @@ def reference_lru(numels, itemsize, page_bytes, budget, masks):
     return paged_out, list(resident)
 
 
+@pytest.mark.exercise("paged_optim.PageTable.over_budget")
 @given(shapes=shapes_st, page_bytes=st.integers(1, 40), budget_fraction=st.floats(0, 1.1),
        steps=st.integers(1, 5), seed=st.integers(0, 2**16), data=st.data())
 def test_pages_paged_out_are_the_least_recently_used(shapes, page_bytes, budget_fraction, steps,
