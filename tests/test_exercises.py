@@ -174,7 +174,7 @@ def test_the_docs_page_lists_its_wrong_answers_and_what_a_blank_breaks(exercise)
     listed = re.findall(r"^- \*\*(.+?)\*\*:", text.split("**Wrong answers the tests reject:**")[-1],
                         flags=re.M)
     assert listed == list(exercise.wrong_answers), (exercise.name, listed)
-    breaks = re.search(r"\*\*Blanking it also breaks:\*\* (.*)", text)
+    breaks = re.search(r"\*\*Blanking it also breaks:\*\* (.*?)(?:\n\n|\Z)", text, flags=re.S)
     assert breaks, f"{exercise.name}: no 'Blanking it also breaks:' line"
     said = set(re.findall(r"`([\w.]+)`", breaks.group(1)))
     assert said == set(exercise.breaks), (exercise.name, said, exercise.breaks)
