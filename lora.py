@@ -56,6 +56,26 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return (frozen.to(A.dtype) + scaling * update).to(x.dtype)
 
 
+def lora_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               scaling: float, grad_out: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dA, dL/dB) of h = x W0^T + b + s x A^T B^T by the chain rule, no dropout.
+
+    With G = dL/dh (N, out) and X (N, in), the tokens as rows (sums over tokens are the matmuls):
+        dL/dB = s G^T (X A^T)       (out, r): the output side sees A x
+        dL/dA = s (G B)^T X         (r, in):  the gradient reaching the rank-r bottleneck, G B
+        dL/dx = G W0 + s (G B) A    (..., in): the frozen path passes its gradient on too
+    W0 and b get none: they are frozen (section 4.1). One dtype throughout (the caller's).
+    """
+    X = x.reshape(-1, x.shape[-1])  # (N, in)
+    G = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    GB = G @ B  # (N, out) @ (out, r) -> (N, r)
+    grad_B = scaling * G.t() @ (X @ A.t())  # (out, N) @ (N, r) -> (out, r)
+    grad_A = scaling * GB.t() @ X  # (r, N) @ (N, in) -> (r, in)
+    grad_x = G @ weight + scaling * GB @ A  # (N, out) @ (out, in) + (N, r) @ (r, in) -> (N, in)
+    return grad_x.view(x.shape), grad_A, grad_B
+
+
 # --------------------------------------------------------------------------------------------------
 # The fast path: eq. 3's sum in place, in one BLAS call. Equal to lora_forward up to the rounding
 # of that last multiply-add (tests/test_lora.py states the tolerance).

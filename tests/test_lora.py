@@ -23,6 +23,7 @@ from hypothesis import given, strategies as st
 
 import adapters
 import lora
+from assertions import assert_same
 from tiny_gpt import GPT, GPTConfig
 
 # Tolerance as a multiple of `scale` (see the module docstring) for one forward or backward pass.
@@ -150,13 +151,16 @@ def test_fresh_adapter_equals_base_exactly(case, p):
     layer.train()
     W, b, A, B = case.weights(layer)
     base_out = F.linear(x, W, layer.base.bias)
-    assert torch.equal(layer(x), base_out)
-    assert torch.equal(lora.lora_forward(x, W, layer.base.bias, A, B, layer.scaling), base_out)
-    assert torch.equal(layer.delta_weight(), torch.zeros(case.out_features, case.in_features,
-                                                         dtype=adapter_dtype(case.dtype)))
+    assert_same(layer(x), base_out, "fresh layer's output")
+    assert_same(lora.lora_forward(x, W, layer.base.bias, A, B, layer.scaling), base_out,
+                "lora_forward with B = 0")
+    # B A with B = 0 holds -0.0 where A < 0: 0 as a number (torch.equal's sense), not in its bits
+    assert_same(layer.delta_weight(), torch.zeros(case.out_features, case.in_features,
+                                                  dtype=adapter_dtype(case.dtype)), "fresh ΔW",
+                exact=False, rtol=0, atol=0)
     W0 = W.detach().clone()
     layer.merge()
-    assert torch.equal(layer.base.weight, W0)
+    assert_same(layer.base.weight, W0, "W0 + fresh ΔW")
 
 
 @given(cases())
@@ -170,16 +174,30 @@ def test_init_matches_nn_linear_and_formula(case):
     expected_A = nn.Linear(case.in_features, case.r, bias=False, dtype=dt).weight.detach()
     torch.manual_seed(case.seed)
     layer = lora.LoRALinear(base, case.r, case.alpha, rslora=case.rslora)
-    assert torch.equal(layer.lora_A, expected_A)
+    assert_same(layer.lora_A, expected_A, "lora_A (global RNG)")
     seeded = lora.LoRALinear(copy.deepcopy(base), case.r, case.alpha,
                              generator=torch.Generator().manual_seed(case.seed))
-    assert torch.equal(seeded.lora_A, expected_A)
+    assert_same(seeded.lora_A, expected_A, "lora_A (generator)")
     # gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain · sqrt(3 / fan_in) = 1 / sqrt(in)
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(case.in_features)
-    assert torch.equal(layer.lora_B, torch.zeros(case.out_features, case.r, dtype=dt))
+    assert_same(layer.lora_B, torch.zeros(case.out_features, case.r, dtype=dt), "lora_B at init")
     assert layer.scaling == case.scaling()
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
     assert adapters.count_trainable(layer) == case.r * (case.in_features + case.out_features)
+
+
+@pytest.mark.exercise("lora.lora_scaling")
+@given(r=st.integers(1, 64), alpha=st.floats(0.125, 64.0), rslora=st.booleans())
+def test_scaling_is_alpha_over_r_or_alpha_over_sqrt_r_with_rslora(r, alpha, rslora):
+    """s = α/r (LoRA, section 4.1); rsLoRA (arXiv 2312.03732) s = α/√r, so that s·√r, not s·r,
+    stays α whatever the rank. The layer (its public caller) uses it, rslora off by default."""
+    assert lora.lora_scaling(4, 8.0) == 2.0 and lora.lora_scaling(4, 8.0, rslora=True) == 4.0
+    s = lora.lora_scaling(r, alpha, rslora)
+    invariant = s * math.sqrt(r) if rslora else s * r  # what each paper keeps fixed as r grows
+    # at most four roundings (sqrt, divide; sqrt, multiply here) of u = 2^-53 = 1.1e-16 each
+    assert math.isclose(invariant, alpha, rel_tol=1e-15), (r, alpha, rslora, s)
+    assert lora.LoRALinear(nn.Linear(r, 2), r, alpha, rslora=rslora).scaling == s
+    assert lora.LoRALinear(nn.Linear(r, 2), r, alpha).scaling == lora.lora_scaling(r, alpha)
 
 
 @given(cases())
@@ -194,13 +212,35 @@ def test_forward_equals_formula(case):
     # The layer is the fast path: the base's output, then add_low_rank_ into it, bit for bit.
     tokens = x.reshape(-1, case.in_features)  # (N, in)
     fast = lora.add_low_rank_(F.linear(tokens, W, layer.base.bias), tokens, A, B, layer.scaling)
-    assert torch.equal(fast.view(out.shape), out)
+    assert_same(fast.view(out.shape), out, "add_low_rank_ against the layer")
     # ... and the plain eq. 3 (lora_forward) within FAST_PATH_TOL (see there).
     plain = lora.lora_forward(x, W, layer.base.bias, A, B, layer.scaling)
     assert plain.dtype == out.dtype
     assert_near(out, plain.double(), scale, FAST_PATH_TOL[case.dtype])
 
 
+@pytest.mark.exercise("lora.lora_forward")
+@given(cases(dtypes=(torch.float32, torch.float64)), st.sampled_from([None, 0.5]))
+def test_lora_forward_is_eq3_with_dropout_on_the_update_only(case, p):
+    """lora.lora_forward on plain tensors: h = x W0^T + b + s d(x) A^T B^T, the dropout d (a fixed
+    mask here, scaled by 1/(1-p)) on the update's input only, against float64 within TOL · scale."""
+    x, W, b, A, B, _ = (t.to(case.dtype) for t in random_lora(case))
+    s = case.scaling()
+    mask = None
+    if p is not None:
+        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(case.seed)) >= p
+        mask = (keep / (1 - p)).to(case.dtype)  # 0 or 2 exactly
+    dropout = None if mask is None else (lambda t: t * mask)
+    dropped = x if mask is None else x * mask  # exact: times 0 or 2
+    exact, scale = reference(lambda x, xd, W, b, A, B: x @ W.T + b + s * (xd @ A.T) @ B.T,
+                             x, dropped, W, b, A, B)
+    out = lora.lora_forward(x, W, b, A, B, s, dropout=dropout)
+    assert out.dtype == case.dtype and out.shape == (*case.lead, case.out_features)
+    assert_same(out.double(), exact, "lora_forward", exact=False, rtol=0.0,
+                atol=TOL[case.dtype] * scale)
+
+
+@pytest.mark.exercise("lora.lora_delta")
 @given(cases(MERGE_DTYPES))
 def test_delta_weight_and_merged_output(case):
     """ΔW = s·B A (`lora_delta`, `delta_weight`); merged output equals unmerged."""
@@ -210,8 +250,8 @@ def test_delta_weight_and_merged_output(case):
                              layer.lora_A, layer.lora_B)
     tol_adapter = TOL[adapter_dtype(case.dtype)]
     assert_near(layer.delta_weight(), exact, scale, tol_adapter)
-    assert torch.equal(lora.lora_delta(layer.lora_A, layer.lora_B, layer.scaling),
-                       layer.delta_weight())
+    assert_same(lora.lora_delta(layer.lora_A, layer.lora_B, layer.scaling),
+                layer.delta_weight(), "lora_delta against delta_weight")
     unmerged = layer(x)
     layer.merge()
     merged = layer(x)
@@ -234,7 +274,7 @@ def test_merge_unmerge_restores_weight_and_both_are_idempotent(case):
     W1 = layer.base.weight.detach().clone()
     assert layer.merged and W1.dtype == case.dtype
     layer.merge()
-    assert torch.equal(layer.base.weight, W1)
+    assert_same(layer.base.weight, W1, "W after a second merge")
     # W1 = fl(W0 + fl(ΔW)): |W1 - (W0 + ΔW)| <= u|W1| + u|ΔW| + (error of ΔW computed in the
     # adapter's dtype, within its TOL · scale as in test_delta_weight_and_merged_output).
     torch.testing.assert_close(W1.double(), W0.double() + delta, rtol=finfo.eps,
@@ -244,7 +284,7 @@ def test_merge_unmerge_restores_weight_and_both_are_idempotent(case):
     W2 = layer.base.weight.detach().clone()
     assert not layer.merged
     layer.unmerge()
-    assert torch.equal(layer.base.weight, W2)
+    assert_same(layer.base.weight, W2, "W after a second unmerge")
     # W2 = fl(W1 - fl(ΔW)) = fl(W0 + e) with e the merge's rounding: |W2 - W0| <= u|W1| + u|W2|
     # <= eps·|W0| + u·|ΔW| (+ one subnormal step): W0 comes back up to one rounding. (The atol
     # below allows 2u·|ΔW| for bfloat16's double rounding: the sum is rounded to float32, then to
@@ -277,6 +317,110 @@ def test_gradients_are_analytic_and_only_adapters_get_them(case):
     assert layer.base.weight.grad is None
     assert layer.base.bias is None or layer.base.bias.grad is None
     assert not layer.base.weight.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA's gradients by hand (lora.lora_grads), against autograd and against finite differences.
+
+def random_lora(case: Case):
+    """Float64 x, W0, b, A, B and an upstream gradient G for `case`'s shapes (B nonzero)."""
+    g = torch.Generator().manual_seed(case.seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    return (draw(*case.lead, case.in_features), draw(case.out_features, case.in_features),
+            draw(case.out_features), draw(case.r, case.in_features),
+            draw(case.out_features, case.r), draw(*case.lead, case.out_features))
+
+
+@pytest.mark.exercise("lora.lora_grads")
+@given(cases(dtypes=(torch.float64,)))
+def test_lora_grads_by_hand_equal_autograd(case):
+    """dL/dx = G W0 + s (G B) A, dL/dA = s (G B)^T X, dL/dB = s G^T (X A^T) (lora.lora_grads)
+    against autograd through eq. 3, all in float64: only the order of the sums differs, so each
+    within TOL[float64] · scale (module docstring)."""
+    x, W, b, A, B, G = random_lora(case)
+    s = case.scaling()
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    y = forward_formula(s)(leaves[0], W, b, leaves[1], leaves[2])
+    expected = torch.autograd.grad(y, leaves, G)
+    got = lora.lora_grads(x, W, A, B, s, G)
+    X, G2 = x.reshape(-1, case.in_features), G.reshape(-1, case.out_features)  # (N, in), (N, out)
+    scales = [reference(lambda G, W, A, B: G @ W + s * G @ B @ A, G, W, A, B)[1],
+              reference(lambda G, X, B: s * (G @ B).T @ X, G2, X, B)[1],
+              reference(lambda G, X, A: s * G.T @ (X @ A.T), G2, X, A)[1]]
+    for name, actual, wanted, scale in zip(("dL/dx", "dL/dA", "dL/dB"), got, expected, scales):
+        assert_same(actual, wanted, name, exact=False, rtol=0.0, atol=TOL[torch.float64] * scale)
+
+
+class HandLoRA(torch.autograd.Function):
+    """Eq. 3 with lora.lora_grads as its backward, for torch.autograd.gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, W, scaling):
+        ctx.save_for_backward(x, A, B, W)
+        ctx.scaling = scaling
+        return forward_formula(scaling)(x, W, 0.0, A, B)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, W = ctx.saved_tensors
+        return (*lora.lora_grads(x, W, A, B, ctx.scaling, grad_out), None, None)
+
+
+@pytest.mark.exercise("lora.lora_grads")
+@pytest.mark.parametrize("in_features, out_features, r, lead", [(5, 3, 2, (4,)), (2, 6, 3, (2, 3)),
+                                                                 (4, 4, 1, ())])
+def test_lora_grads_pass_gradcheck(in_features, out_features, r, lead):
+    """torch.autograd.gradcheck: lora.lora_grads against central finite differences of eq. 3 in
+    float64 (gradcheck's own tolerances), a reference that shares nothing with autograd."""
+    case = Case(in_features, out_features, r, 3.0, torch.float64, False, True, lead, 7)
+    x, W, _, A, B, _ = random_lora(case)
+    inputs = tuple(t.requires_grad_(True) for t in (x, A, B))
+    assert torch.autograd.gradcheck(
+        lambda x, A, B: HandLoRA.apply(x, A, B, W, case.scaling()), inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Unmerge with a 16-bit base weight: docs/lora.md, "Precision".
+
+@given(cases(dtypes=(torch.float16, torch.bfloat16)))
+def test_unmerge_of_a_16_bit_base_restores_W0_up_to_one_rounding(case):
+    """docs/lora.md states: merge stores W1 = fl(W0 + ΔW), unmerge computes W0' = fl(W1 − ΔW), and
+    |W0' − W0| <= u·|W1| + u·|W0'| elementwise, u half the dtype's eps (adapters.py: "exact up to
+    one rounding of the sum per element"). That bound is the standard model of rounding, which holds
+    for normal numbers; where float16 underflows, each of the two roundings errs by up to half a
+    subnormal step instead, so one step is added (bfloat16 has float32's range: no such case)."""
+    layer, _ = case.build()
+    finfo = torch.finfo(case.dtype)
+    u, subnormal_step = finfo.eps / 2, finfo.smallest_normal * finfo.eps
+    W0 = layer.base.weight.detach().clone()
+    layer.merge()
+    W1 = layer.base.weight.detach().clone()
+    layer.unmerge()
+    W2 = layer.base.weight.detach().clone()
+    error = (W2.double() - W0.double()).abs()
+    bound = u * (W1.double().abs() + W2.double().abs()) + subnormal_step
+    assert bool((error <= bound).all()), f"worst excess {(error - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unmerge_of_a_16_bit_base_is_not_bit_for_bit(dtype):
+    """... and not bit for bit, as docs/lora.md warns: W0 = 1 + ulp, ΔW = ulp/2 (exact in every
+    dtype here). W0 + ΔW is a tie that rounds to even, 1 + 2 ulp; minus ΔW is a tie again, which
+    rounds to 1 + 2 ulp, not back to W0. The bound above holds with equality: u·(|W1| + |W0'|)."""
+    ulp = torch.finfo(dtype).eps  # the spacing of the floats in [1, 2)
+    base = nn.Linear(1, 1, bias=False, dtype=dtype)
+    layer = lora.LoRALinear(base, r=1, alpha=1.0)  # s = 1
+    with torch.no_grad():
+        base.weight.fill_(1 + ulp)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(ulp / 2)  # ΔW = 1 · (ulp/2 · 1), exact
+    layer.merge()
+    assert_same(layer.base.weight, torch.full((1, 1), 1 + 2 * ulp, dtype=dtype), "W1")
+    layer.unmerge()
+    assert_same(layer.base.weight, torch.full((1, 1), 1 + 2 * ulp, dtype=dtype),
+                "W0' (W0 = 1 + ulp is not restored)")
 
 
 @given(cases(dtypes=(torch.float32, torch.float64)), st.sampled_from([0.1, 0.5, 0.9]),
@@ -314,11 +458,12 @@ def test_add_low_rank_keeps_y_and_add_low_rank__adds_into_it(case):
     y = F.linear(x2, W, b)  # (N, out)
     y0 = y.clone()
     pure = lora.add_low_rank(y, x2, A, B, case.scaling())
-    assert torch.equal(y, y0) and pure is not y
+    assert_same(y, y0, "y after add_low_rank")
+    assert pure is not y
     in_place = lora.add_low_rank_(y, x2, A, B, case.scaling())
-    assert torch.equal(in_place, pure)
+    assert_same(in_place, pure, "add_low_rank_ against add_low_rank")
     assert (in_place is y) == (y.dtype == A.dtype)
-    assert torch.equal(y, in_place if y.dtype == A.dtype else y0)
+    assert_same(y, in_place if y.dtype == A.dtype else y0, "y after add_low_rank_")
 
 
 def test_train_and_eval_never_merge():
@@ -327,13 +472,15 @@ def test_train_and_eval_never_merge():
     W0, out0 = layer.base.weight.detach().clone(), layer(x)
     for mode in (layer.eval, layer.train, layer.eval):
         mode()
-        assert not layer.merged and torch.equal(layer.base.weight, W0)
-        assert torch.equal(layer(x), out0)
+        assert not layer.merged
+        assert_same(layer.base.weight, W0, f"W after {mode.__name__}()")
+        assert_same(layer(x), out0, f"output after {mode.__name__}()")
     layer.merge()
     W1 = layer.base.weight.detach().clone()
     for mode in (layer.train, layer.eval):
         mode()
-        assert layer.merged and torch.equal(layer.base.weight, W1)
+        assert layer.merged
+        assert_same(layer.base.weight, W1, f"merged W after {mode.__name__}()")
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -423,8 +570,8 @@ def test_quantized_base_forward_and_merge():
         layer.merge()
     merged = adapters.merge_adapters(model)
     assert type(merged[0]) is nn.Linear
-    assert torch.equal(merged[0].weight, W + layer.delta_weight())
-    assert torch.equal(merged[0].bias, b)
+    assert_same(merged[0].weight, W + layer.delta_weight(), "merged weight")
+    assert_same(merged[0].bias, b, "merged bias")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +625,7 @@ def test_all_linear_adapts_block_linears_freezes_the_rest_and_starts_at_base(n_l
     assert model.num_parameters() == make_gpt(seed, n_layer, n_embd).num_parameters() + \
         n_layer * 18 * r * n_embd
     logits, _ = model(tokens(seed))
-    assert torch.equal(logits, base_logits)
+    assert_same(logits, base_logits, "logits of the fresh adapters")
 
 
 def test_only_adapters_receive_gradients_in_the_model():
@@ -495,7 +642,9 @@ def test_apply_lora_seed_is_deterministic():
     states = [adapters.adapter_state_dict(lora.apply_lora(make_gpt(), r=4, alpha=8.0, seed=s))
               for s in (7, 7, 8)]
     assert states[0].keys() == states[2].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for k in states[0]:
+        assert_same(states[0][k], states[1][k], f"{k}, seed 7 twice")
+    # Another seed, other A: a deliberate "differs" check, so no assert_same.
     assert not any(torch.equal(states[0][k], states[2][k]) for k in states[0] if k.endswith("A"))
 
 
@@ -529,7 +678,8 @@ def test_init_matches_peft_under_the_same_seed(peft):
         nn.Linear(in_f, r, bias=False)  # the two draws PEFT discards
         nn.Linear(r, out_f, bias=False)
         ours = lora.LoRALinear(base, r, 8.0)
-        assert torch.equal(ours.lora_A, model.base_model.model.proj.lora_A["default"].weight)
+        assert_same(ours.lora_A, model.base_model.model.proj.lora_A["default"].weight,
+                    f"lora_A against PEFT's ({in_f} in, {out_f} out, r {r})")
 
 
 @given(cases(dtypes=(torch.float32,)), st.sampled_from([0.0, 0.3]), st.integers(0, 2 ** 32 - 1))
@@ -569,8 +719,8 @@ def test_matches_peft_forward_gradients_and_merge(peft, case, p, dropout_seed):
     _, scale = reference(lambda g, W, A, B: g @ W + s * g @ B @ A / (1 - p), g, W, A, B)
     assert_near(x_ours.grad, x_theirs.grad.double(), scale, 2 * TOL[torch.float32])
     # merge: the same float32 operations in the same order (B @ A, times s, added to W): bit-equal
-    assert torch.equal(layer.delta_weight(), proj.get_delta_weight("default"))
+    assert_same(layer.delta_weight(), proj.get_delta_weight("default"), "ΔW against PEFT's")
     layer.merge()
     unloaded = theirs.merge_and_unload()
     assert type(unloaded.proj) is nn.Linear
-    assert torch.equal(layer.base.weight, unloaded.proj.weight)
+    assert_same(layer.base.weight, unloaded.proj.weight, "merged weight against PEFT's")
