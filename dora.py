@@ -116,6 +116,31 @@ def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitud
     return (magnitude / norm).unsqueeze(1) * V  # (out, 1) * (out, in): W' = m ⊙ V / ||V||
 
 
+def dora_grads(V: torch.Tensor, magnitude: torch.Tensor, grad_weight: torch.Tensor,
+               detach_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∇_m L, ∇_V L) of W' = m ⊙ V / ||V|| from G = ∇_W' L (section 4.2, eq. 6 and 7; 4.3).
+
+    V = W0 + s B A is the paper's V' = W0 + ΔW. Its norm is per column of its (in, out) matrices,
+    per row of ours (row_norm): row i here is the paper's column i. With n = ||V||, g = m / n and
+    c = Σ_in G ⊙ V (out,), the part of each row of G along that row of V:
+        ∇_m L = c / n                                              (out,)      (eq. 7)
+        ∇_V L = g ⊙ (G − (c / n^2) ⊙ V) = g ⊙ (I − V V^T / n^2) G  (out, in)   (eq. 6)
+    The projection drops G's component along V: moving V along itself changes only ||V||, which
+    the division cancels. `detach_norm` (section 4.3): n is a constant, ∇_V L = g ⊙ G; ∇_m L is
+    the same (m is not in n). A row under DORA_NORM_EPS has the constant floor as its norm: no
+    projection there. LoRA's factors follow by the chain rule: ∇_B = s ∇_V A^T, ∇_A = s B^T ∇_V.
+    """
+    norm = row_norm(V)  # (out,)
+    c = (grad_weight * V).sum(dim=1)  # (out, in) -> (out,): <G_i, V_i> for each row i
+    grad_magnitude = c / norm  # (out,)   (eq. 7)
+    g = (magnitude / norm).unsqueeze(1)  # (out, 1): m / ||V||
+    if detach_norm:
+        return grad_magnitude, g * grad_weight  # (out, in)   (section 4.3)
+    unfloored = torch.linalg.vector_norm(V, dim=1) >= DORA_NORM_EPS  # (out,): n follows V there
+    along_V = torch.where(unfloored, c / norm**2, 0.0).unsqueeze(1)  # (out, 1): c / n^2
+    return grad_magnitude, g * (grad_weight - along_V * V)  # (out, in)   (eq. 6)
+
+
 def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                  dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -60,7 +60,8 @@ def grads_without_scaling_on_A_and_B(x, weight, A, B, scaling, grad_out):
 LORA_EXERCISES = [
     Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
              {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
-              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always}),
+              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
+             breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_forward", "LoRA (arXiv 2106.09685) sec. 4.1, eq. 3",
              {"dropout on the frozen path too": forward_with_dropout_on_the_frozen_path,
               "scaling left out": forward_without_scaling}),
@@ -72,4 +73,66 @@ LORA_EXERCISES = [
               "dA and dB without the scaling": grads_without_scaling_on_A_and_B}),
 ]
 
-ADAPTER_EXERCISES = LORA_EXERCISES
+
+
+# dora: the weight (magnitude times direction, eq. 5) and its gradients (eq. 6 and 7, sec. 4.3)
+
+def weight_normalised_by_W0(weight, A, B, magnitude, scaling, detach_norm=True):
+    import dora
+    V = dora.dora_direction(weight, A, B, scaling)
+    norm = dora.row_norm(weight.to(A.dtype))  # ||W0||, m's initial value, instead of ||V||
+    return (magnitude / (norm.detach() if detach_norm else norm)).unsqueeze(1) * V
+
+
+def weight_normalised_per_column(weight, A, B, magnitude, scaling, detach_norm=True):
+    import dora
+    V = dora.dora_direction(weight, A, B, scaling)
+    # the paper's column norm ||.||_c read on this project's (out, in) layout: one per input
+    norm = torch.linalg.vector_norm(V, dim=0, keepdim=True).clamp_min(dora.DORA_NORM_EPS)
+    return magnitude.unsqueeze(1) * V / (norm.detach() if detach_norm else norm)
+
+
+def weight_with_the_norm_always_in_the_graph(weight, A, B, magnitude, scaling, detach_norm=True):
+    import dora
+    V = dora.dora_direction(weight, A, B, scaling)
+    return (magnitude / dora.row_norm(V)).unsqueeze(1) * V  # detach_norm ignored (section 4.3)
+
+
+def grads_without_the_projection(V, magnitude, grad_weight, detach_norm=True):
+    import dora
+    norm = dora.row_norm(V)
+    c = (grad_weight * V).sum(dim=1)
+    return c / norm, (magnitude / norm).unsqueeze(1) * grad_weight  # section 4.3's form, always
+
+
+def grads_projecting_without_the_squared_norm(V, magnitude, grad_weight, detach_norm=True):
+    import dora
+    norm = dora.row_norm(V)
+    c = (grad_weight * V).sum(dim=1)
+    g = (magnitude / norm).unsqueeze(1)
+    if detach_norm:
+        return c / norm, g * grad_weight
+    return c / norm, g * (grad_weight - c.unsqueeze(1) * V)  # I - V V^T: the 1/||V||^2 forgotten
+
+
+def grads_with_magnitude_gradient_undivided(V, magnitude, grad_weight, detach_norm=True):
+    import dora
+    norm = dora.row_norm(V)
+    c = (grad_weight * V).sum(dim=1)
+    g = (magnitude / norm).unsqueeze(1)
+    along_V = 0.0 if detach_norm else (c / norm**2).unsqueeze(1)
+    return c, g * (grad_weight - along_V * V)  # ∇m = <G, V>: V taken for the unit V / ||V||
+
+
+DORA_EXERCISES = [
+    Exercise("dora.dora_weight", "DoRA (arXiv 2402.09353) sec. 3.2 eq. 2, sec. 4.1 eq. 5, sec. 4.3",
+             {"the norm of W0, not of V": weight_normalised_by_W0,
+              "norm per column of the (out, in) matrix": weight_normalised_per_column,
+              "norm never detached": weight_with_the_norm_always_in_the_graph}),
+    Exercise("dora.dora_grads", "DoRA (arXiv 2402.09353) sec. 4.2 eq. 6 and 7, sec. 4.3",
+             {"no projection": grads_without_the_projection,
+              "projection without 1/||V||^2": grads_projecting_without_the_squared_norm,
+              "grad of m not divided by ||V||": grads_with_magnitude_gradient_undivided}),
+]
+
+ADAPTER_EXERCISES = LORA_EXERCISES + DORA_EXERCISES

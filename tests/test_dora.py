@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import dora
 import adapters
 import lora
+from assertions import assert_same
 from tiny_gpt import GPT, GPTConfig
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
@@ -230,6 +231,125 @@ def test_gradients_equal_autograd_through_the_weight_formula(case, detach_norm):
                           bounds["magnitude"])
 
 
+# ------------------------------------------------------------------- the weight and its gradients
+
+def random_direction(out_features, in_features, seed, zero_first_row=False):
+    """Float64 V (out, in) from a normal, m (out,) in [0.5, 1.5), G = ∇_W' L (out, in)."""
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+    if zero_first_row:
+        V[0] = 0
+    m = torch.rand(out_features, generator=gen, dtype=torch.float64) + 0.5
+    return V, m, torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+
+
+def weight_from_direction(V, m, detach_norm):
+    """W' = m ⊙ V / max(||V||, eps), norm per output row: the reference for dora_grads."""
+    norm = torch.linalg.vector_norm(V, dim=1).clamp_min(dora.DORA_NORM_EPS)  # (out,)
+    return m.unsqueeze(1) * V / (norm.detach() if detach_norm else norm).unsqueeze(1)
+
+
+@pytest.mark.exercise("dora.dora_weight")
+@given(cases(dtypes=(torch.float64,)), st.booleans())
+def test_dora_weight_is_magnitude_times_the_unit_rows_of_V(case, detach_norm):
+    """W' = m ⊙ V / ||V||, V = W0 + s B A (eq. 5): row i of W' has norm m_i and V_i's direction; the
+    norm is a constant for autograd only with `detach_norm` (section 4.3). Float64 on plain
+    tensors, against the reference written here: tolerance 1e-12 of the terms' size (docstring)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    out_f, in_f, r, s = case["out_features"], case["in_features"], case["r"], case["alpha"] / 4
+    W0, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                for shape in ((out_f, in_f), (r, in_f), (out_f, r)))
+    m0 = torch.rand(out_f, generator=gen, dtype=torch.float64) + 0.5
+    V, n = W0 + s * B @ A, (W0 + s * B @ A).norm(dim=1)  # (out, in), (out,)
+    kappa = (W0.abs() + s * B.abs() @ A.abs()).norm(dim=1) / n  # (out,): V's cancellation
+    A, B, m = (t.clone().requires_grad_(True) for t in (A, B, m0))
+    W = dora.dora_weight(W0, A, B, m, s, detach_norm)
+    assert_same(W.norm(dim=1), m0, "the norms of the rows of W'", exact=False,
+                rtol=0, atol=TOL[torch.float64] * float((kappa * m0).max()))
+    expected = reference_weight(W0, A, B, m, s, detach_norm)
+    scale = float((m0 / n * kappa).max() * V.abs().max())
+    assert_same(W, expected, "W'", exact=False, rtol=0, atol=TOL[torch.float64] * scale)
+    R = torch.randn(W.shape, generator=gen, dtype=torch.float64)  # a loss sum(R ⊙ W')
+    got = torch.autograd.grad(W, [A, B, m], R)
+    wanted = torch.autograd.grad(expected, [A, B, m], R)
+    # the size of each gradient's terms (as error_bounds does), widened by κ for V's rounding
+    aR, aV, k = R.abs(), V.abs(), float(kappa.max())
+    c_size = (aR * aV).sum(dim=1)  # (out,)
+    size_V = (m0 / n)[:, None] * (aR + (c_size / n**2)[:, None] * aV)  # (out, in)
+    sizes = (s * B.detach().abs().T @ size_V, s * size_V @ A.detach().abs().T, c_size / n)
+    for name, g, e, size in zip(("∇A", "∇B", "∇m"), got, wanted, sizes):
+        assert_same(g, e, f"{name} with detach_norm={detach_norm}", exact=False, rtol=0,
+                    atol=TOL[torch.float64] * k * float(size.max()))
+
+
+@pytest.mark.exercise("dora.dora_grads")
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans(),
+       st.booleans())
+def test_dora_grads_by_hand_equal_autograd(out_features, in_features, seed, detach_norm,
+                                           zero_row):
+    """∇_m L = c / n and ∇_V L = g ⊙ (G − (c/n²) ⊙ V) (eq. 7 and 6; with `detach_norm`, g ⊙ G:
+    section 4.3), c = Σ_in G ⊙ V, g = m / n, per output row; a zero row of V included. Against
+    autograd through W' = m ⊙ V / ||V|| in float64: only the order of the sums differs, so within
+    1e-12 of each result's terms' size."""
+    V, m, G = random_direction(out_features, in_features, seed, zero_row)
+    leaves = [V.clone().requires_grad_(True), m.clone().requires_grad_(True)]
+    expected_V, expected_m = torch.autograd.grad(weight_from_direction(*leaves, detach_norm),
+                                                 leaves, G)
+    grad_m, grad_V = dora.dora_grads(V, m, G, detach_norm)
+    n = torch.linalg.vector_norm(V, dim=1).clamp_min(dora.DORA_NORM_EPS)
+    c_size = (G.abs() * V.abs()).sum(dim=1)  # (out,): the size of the terms of c
+    size_m = float((c_size / n).max())
+    size_V = float(((m / n)[:, None] * (G.abs() + (c_size / n**2)[:, None] * V.abs())).max())
+    assert_same(grad_m, expected_m, "∇m", exact=False, rtol=0, atol=TOL[torch.float64] * size_m)
+    assert_same(grad_V, expected_V, f"∇V with detach_norm={detach_norm}", exact=False, rtol=0,
+                atol=TOL[torch.float64] * size_V)
+
+
+class HandDoRAWeight(torch.autograd.Function):
+    """W' = m ⊙ V / ||V|| with dora.dora_grads (the exact form, eq. 6) as its backward."""
+
+    @staticmethod
+    def forward(ctx, V, m):
+        ctx.save_for_backward(V, m)
+        return weight_from_direction(V, m, detach_norm=False)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        V, m = ctx.saved_tensors
+        grad_m, grad_V = dora.dora_grads(V, m, grad_weight, detach_norm=False)
+        return grad_V, grad_m
+
+
+@pytest.mark.exercise("dora.dora_grads")
+@pytest.mark.parametrize("shape", [(3, 4), (1, 5), (4, 1)])
+def test_dora_grads_pass_gradcheck(shape):
+    """torch.autograd.gradcheck: eq. 6 and 7 (dora_grads, norm in the graph) against central
+    finite differences of W' = m ⊙ V / ||V|| in float64, at gradcheck's own tolerances."""
+    V, m, _ = random_direction(*shape, seed=sum(shape))
+    assert torch.autograd.gradcheck(HandDoRAWeight.apply,
+                                     (V.requires_grad_(True), m.requires_grad_(True)))
+
+
+@given(cases(dtypes=(torch.float64,)), st.booleans())
+def test_the_layers_gradients_are_the_papers_chained_into_A_and_B(case, detach_norm):
+    """DoRALinear's autograd gradients (no dropout) are dora_grads' with ∇_W' L = G^T X, then the
+    chain rule through V = W0 + s B A: ∇_B = s ∇_V A^T, ∇_A = s B^T ∇_V. Float64; tolerances from
+    error_bounds (module docstring)."""
+    layer, x, gen = make_layer(case, detach_norm=detach_norm)
+    y = layer(x)
+    G = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(y, [layer.magnitude, layer.lora_A, layer.lora_B], G)
+    A, B, m = (t.detach() for t in (layer.lora_A, layer.lora_B, layer.magnitude))
+    s = layer.scaling
+    V = layer.base.weight.detach() + s * B @ A  # (out, in)
+    grad_weight = G.reshape(-1, case["out_features"]).T @ x.reshape(-1, case["in_features"])
+    grad_m, grad_V = dora.dora_grads(V, m, grad_weight, detach_norm)  # (out,), (out, in)
+    bounds = error_bounds(layer, x, G)
+    for name, g, e in zip(("magnitude", "lora_A", "lora_B"), got,
+                          (grad_m, s * B.T @ grad_V, s * grad_V @ A.T)):
+        assert_close_normwise(g, e, TOL[torch.float64], bounds[name])
+
+
 def autograd_ops(t):
     """Names of the backward nodes in t's graph."""
     seen, stack = set(), [t.grad_fn]
@@ -318,7 +438,8 @@ def test_merge_and_unmerge(case):
     assert_close_normwise(W0.double() + layer.delta_weight().double(), expected_weight,
                           TOL[layer.lora_A.dtype], bounds["weight"])
     layer.train(), layer.eval()  # switching modes never merges
-    assert not layer.merged and torch.equal(layer.base.weight, W0)
+    assert not layer.merged
+    assert_same(layer.base.weight, W0, "W0 after train() and eval()")
     layer.merge()
     layer.merge()  # idempotent
     assert layer.merged
@@ -330,7 +451,7 @@ def test_merge_and_unmerge(case):
     layer.unmerge()
     layer.unmerge()  # idempotent
     assert not layer.merged
-    assert torch.equal(layer.base.weight, W0)  # restored bit for bit
+    assert_same(layer.base.weight, W0, "W0 after unmerge")  # restored bit for bit
     assert "_unmerged_weight" not in layer.state_dict()
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
     linear = layer.to_linear()
@@ -405,16 +526,21 @@ def test_all_zero_weight_rows_give_no_nan(case, data):
     grads = torch.autograd.grad(y.square().sum(), [layer.magnitude, layer.lora_A, layer.lora_B, x])
     assert all(torch.isfinite(g).all() for g in grads)
     # A zero row has m = 0 and V = 0: no gradient reaches m or B there, the row stays zero.
-    assert torch.equal(grads[0][zero], torch.zeros_like(grads[0][zero]))
-    assert torch.equal(grads[2][zero], torch.zeros_like(grads[2][zero]))
+    # (compared as numbers: a zero gradient may be -0.0)
+    assert_same(grads[0][zero], torch.zeros_like(grads[0][zero]), "∇m on zero rows",
+                exact=False, rtol=0, atol=0)
+    assert_same(grads[2][zero], torch.zeros_like(grads[2][zero]), "∇B on zero rows",
+                exact=False, rtol=0, atol=0)
     merged = layer.merged_weight()
     assert torch.isfinite(merged).all()
-    assert torch.equal(merged[zero], torch.zeros_like(merged[zero]))
+    assert_same(merged[zero], torch.zeros_like(merged[zero]), "W' on zero rows", exact=False,
+                rtol=0, atol=0)
     # A zero row of V with m != 0 (B = 0 there, m set by hand) is finite too: W' row = 0.
     with torch.no_grad():
         layer.magnitude[zero] = 1.0
-    assert torch.isfinite(layer(x)).all() and torch.equal(layer.merged_weight()[zero],
-                                                         torch.zeros_like(merged[zero]))
+    assert torch.isfinite(layer(x)).all()
+    assert_same(layer.merged_weight()[zero], torch.zeros_like(merged[zero]),
+                "W' on zero rows with m = 1", exact=False, rtol=0, atol=0)
 
 
 def test_row_norm_floor_is_the_named_epsilon_and_only_touches_tiny_rows():
@@ -542,13 +668,15 @@ def test_a_merged_state_dict_loads_as_merged_and_unmerges_exactly(case):
     W0, before = layer.base.weight.detach().clone(), layer(x)
     layer.merge()
     state = layer.state_dict()
-    assert bool(state["adapter_merged"]) and torch.equal(state["_unmerged_weight"], W0)
+    assert bool(state["adapter_merged"])
+    assert_same(state["_unmerged_weight"], W0, "W0 in the merged state dict")
     fresh, _, _ = make_layer(dict(case, seed=case["seed"] + 1))
     fresh.load_state_dict(state)
     assert fresh.merged
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     fresh.unmerge()
-    assert torch.equal(fresh.base.weight, W0) and "_unmerged_weight" not in fresh.state_dict()
+    assert_same(fresh.base.weight, W0, "W0 unmerged after loading")
+    assert "_unmerged_weight" not in fresh.state_dict()
     torch.testing.assert_close(fresh(x), before, rtol=0, atol=0)
     del state["_unmerged_weight"]
     with pytest.raises(ValueError, match="merged but holds no"):
@@ -564,7 +692,8 @@ def test_editing_the_magnitude_while_merged_makes_unmerge_refuse():
         layer.magnitude.mul_(2.0)
     with pytest.raises(ValueError, match="magnitude changed while the adapter was merged"):
         layer.unmerge()
-    assert layer.merged and torch.equal(layer.base.weight, merged)  # nothing was changed
+    assert layer.merged
+    assert_same(layer.base.weight, merged, "W' after the refused unmerge")  # nothing changed
 
 
 # ------------------------------------------------------------------------------------ PEFT oracle
