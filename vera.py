@@ -117,6 +117,27 @@ def vera_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return (frozen + (scaled @ B.t()) * lambda_b).to(x.dtype)  # (..., out): + Λ_b B Λ_d A d(x)
 
 
+def vera_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               lambda_d: torch.Tensor, lambda_b: torch.Tensor, grad_out: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dλ_d, dL/dλ_b, dL/dx) of h = W0 x + b + Λ_b B Λ_d A x by the chain rule, no dropout.
+
+    With G = dL/dh (N, out), X (N, in) and P = X A^T (N, r), each token's A x, summed over tokens:
+        dL/dλ_b = Σ_N G ⊙ ((P ⊙ λ_d) B^T)              (out,): G against B Λ_d A x
+        dL/dλ_d = Σ_N P ⊙ ((G ⊙ λ_b) B)                (r,):   B^T Λ_b G against A x
+        dL/dx   = G W0 + (((G ⊙ λ_b) B) ⊙ λ_d) A       (..., in): (Λ_b B Λ_d A)^T G, and W0's
+    A, B, W0 and b are frozen (section 3): they get none. One dtype throughout (the caller's).
+    """
+    X = x.reshape(-1, x.shape[-1])  # (N, in)
+    G = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    P = X @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
+    back = (G * lambda_b) @ B  # (N, out) @ (out, r) -> (N, r): B^T Λ_b G
+    grad_b = (G * ((P * lambda_d) @ B.t())).sum(dim=0)  # (N, r) @ (r, out) -> (N, out) -> (out,)
+    grad_d = (P * back).sum(dim=0)  # (N, r) -> (r,)
+    grad_x = G @ weight + (back * lambda_d) @ A  # (N, out) @ (out, in) + (N, r) @ (r, in)
+    return grad_d, grad_b, grad_x.view(x.shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # The fast path: eq. 2's sum in place, in one BLAS call. Equal to vera_forward up to rounding
 # (other association; tests/test_vera.py states the tolerance).

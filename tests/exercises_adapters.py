@@ -58,16 +58,16 @@ def grads_without_scaling_on_A_and_B(x, weight, A, B, scaling, grad_out):
 
 
 LORA_EXERCISES = [
-    Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
-             {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
-              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
-             breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_forward", "LoRA (arXiv 2106.09685) sec. 4.1, eq. 3",
              {"dropout on the frozen path too": forward_with_dropout_on_the_frozen_path,
               "scaling left out": forward_without_scaling}),
     Exercise("lora.lora_delta", "LoRA (arXiv 2106.09685) sec. 4.1 (merging, 'no additional "
              "inference latency')",
              {"B A transposed": delta_transposed, "scaling left out": delta_without_scaling}),
+    Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
+             {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
+              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
+             breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_grads", "LoRA (arXiv 2106.09685) eq. 3 and the chain rule",
              {"dx without the frozen path": grads_without_the_frozen_path,
               "dA and dB without the scaling": grads_without_scaling_on_A_and_B}),
@@ -135,4 +135,49 @@ DORA_EXERCISES = [
               "grad of m not divided by ||V||": grads_with_magnitude_gradient_undivided}),
 ]
 
-ADAPTER_EXERCISES = LORA_EXERCISES + DORA_EXERCISES
+
+
+# vera: the forward (eq. 2) and the gradients of the two vectors by hand
+
+def vera_forward_with_dropout_on_the_frozen_path(x, weight, bias, A, B, lambda_d, lambda_b,
+                                                 dropout=None):
+    dropped = (x if dropout is None else dropout(x)).to(A.dtype)
+    frozen = F.linear(dropped, weight, bias)  # W0 d(x): the frozen path should see x itself
+    return (frozen + ((dropped @ A.t()) * lambda_d @ B.t()) * lambda_b).to(x.dtype)
+
+
+def vera_forward_without_lambda_d(x, weight, bias, A, B, lambda_d, lambda_b, dropout=None):
+    dropped = (x if dropout is None else dropout(x)).to(A.dtype)
+    frozen = F.linear(x, weight, bias).to(A.dtype)
+    return (frozen + ((dropped @ A.t()) @ B.t()) * lambda_b).to(x.dtype)  # Λ_b B A x: no Λ_d
+
+
+def vera_grads_swapping_the_vectors_inside(x, weight, A, B, lambda_d, lambda_b, grad_out):
+    X, G = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    P = X @ A.t()
+    back = (G * lambda_b) @ B
+    grad_b = (G * (P @ B.t())).sum(dim=0)  # λ_d dropped from λ_b's gradient ...
+    grad_d = (P * lambda_d * (G @ B)).sum(dim=0)  # ... and λ_d put where λ_b belongs
+    return grad_d, grad_b, (G @ weight + (back * lambda_d) @ A).view(x.shape)
+
+
+def vera_grads_without_the_frozen_path(x, weight, A, B, lambda_d, lambda_b, grad_out):
+    X, G = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    P = X @ A.t()
+    back = (G * lambda_b) @ B
+    grad_b = (G * ((P * lambda_d) @ B.t())).sum(dim=0)
+    grad_x = (back * lambda_d) @ A  # only the adapter's share: G W0 forgotten
+    return (P * back).sum(dim=0), grad_b, grad_x.view(x.shape)
+
+
+VERA_EXERCISES = [
+    Exercise("vera.vera_forward", "VeRA (arXiv 2310.11454) sec. 3, eq. 2",
+             {"dropout on the frozen path too": vera_forward_with_dropout_on_the_frozen_path,
+              "Λ_d left out": vera_forward_without_lambda_d}),
+    Exercise("vera.vera_grads", "VeRA (arXiv 2310.11454) sec. 3, eq. 2 and the chain rule",
+             {"λ_d and λ_b swapped in the vectors' gradients":
+                  vera_grads_swapping_the_vectors_inside,
+              "dx without the frozen path": vera_grads_without_the_frozen_path}),
+]
+
+ADAPTER_EXERCISES = LORA_EXERCISES + DORA_EXERCISES + VERA_EXERCISES

@@ -10,7 +10,6 @@ Tolerances (stated next to each comparison):
 """
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 import adapters
 import lora
 import vera
+from assertions import assert_same
 from tiny_gpt import GPT, GPTConfig
 from vera import VeRALinear, VeRAProjection
 
@@ -88,6 +88,7 @@ def test_projections_seeded_bounded_and_drawn_a_first(r, max_in, max_out, seed, 
     torch.testing.assert_close(B2, B, **EXACT)
     if other != seed:
         A3, B3 = vera.vera_projections(r, max_in, max_out, other)
+        # a deliberate "differs" check (another seed, other matrices): no assert_same
         assert not torch.equal(A3, A) and not torch.equal(B3, B)
     # Kaiming-uniform: |entries| <= sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = the second dimension
     assert A.abs().max() <= math.sqrt(6 / max_in) and B.abs().max() <= math.sqrt(6 / r)
@@ -134,9 +135,9 @@ def test_all_layers_share_one_storage_also_after_to_and_deepcopy():
        d_initial=st.floats(-2, 2).filter(lambda d: d != 0))
 def test_fresh_adapter_equals_base(shape, seed, dtype, d_initial):
     layer, x = make_layer(shape, seed, dtype, random_vectors=False, d_initial=d_initial)
-    assert torch.equal(layer.lambda_b, torch.zeros(shape[1], dtype=layer.lambda_b.dtype))
+    assert_same(layer.lambda_b, torch.zeros(shape[1], dtype=layer.lambda_b.dtype), "λ_b at init")
     d = torch.full((shape[2],), d_initial, dtype=layer.lambda_d.dtype)
-    assert torch.equal(layer.lambda_d, d)
+    assert_same(layer.lambda_d, d, "λ_d at init")
     y = layer(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y, layer.base(x), **EXACT)  # lambda_b = 0 adds exact zeros
@@ -159,6 +160,7 @@ def equation_reference(layer, x):
     return h.T.reshape(*x.shape[:-1], -1)  # (..., out)
 
 
+@pytest.mark.exercise("vera.vera_forward")
 @given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
 def test_forward_equals_the_equation(shape, seed, dtype):
     layer, x = make_layer(shape, seed, dtype)
@@ -200,6 +202,66 @@ def test_only_the_vectors_get_gradients_and_they_are_the_analytic_ones(shape, se
     grad_d = (Ax * ((G * b) @ B)).sum(0)  # dL/dλ_d = Σ_N (A x) ⊙ (B^T (λ_b ⊙ g))      (r,)
     torch.testing.assert_close(layer.lambda_b.grad, grad_b.to(dtype), **TOL[dtype])
     torch.testing.assert_close(layer.lambda_d.grad, grad_d.to(dtype), **TOL[dtype])
+
+
+def vera_rows(x, W, b, A, B, d, lam_b):
+    """h = x W0^T + b + ((x A^T) ⊙ λ_d) B^T ⊙ λ_b: eq. 2 in row form, written here for reference."""
+    return x @ W.T + b + ((x @ A.T) * d) @ B.T * lam_b
+
+
+def random_vera(shape, seed, lead=(3, 2)):
+    """Float64 x, W0, b, A, B, λ_d, λ_b, G (dL/dh) for a (in, out, r) layer; both vectors random."""
+    n_in, n_out, r = shape[:3]
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*dims, generator=gen, dtype=torch.float64) for dims in (
+        (*lead, n_in), (n_out, n_in), (n_out,), (r, n_in), (n_out, r), (r,), (n_out,),
+        (*lead, n_out)))
+
+
+@pytest.mark.exercise("vera.vera_grads")
+@given(shape=layer_shapes(), seed=seeds, lead=st.sampled_from([(), (4,), (3, 2)]))
+def test_vera_grads_by_hand_equal_autograd(shape, seed, lead):
+    """dL/dλ_d = Σ_N (A x) ⊙ (B^T (λ_b ⊙ G)), dL/dλ_b = Σ_N G ⊙ (B (λ_d ⊙ A x)),
+    dL/dx = G W0 + A^T (λ_d ⊙ B^T (λ_b ⊙ G)) (vera.vera_grads) against autograd through eq. 2,
+    float64. Only the order of the sums differs: within 1e-12 of the size of each result's terms
+    (the same expression on absolute values), as the float64 bound in the module docstring."""
+    x, W, b, A, B, d, lam_b, G = random_vera(shape, seed, lead)
+    leaves = [t.clone().requires_grad_(True) for t in (d, lam_b, x)]
+    y = vera_rows(leaves[2], W, b, A, B, leaves[0], leaves[1])
+    expected = torch.autograd.grad(y, leaves, G)
+    got = vera.vera_grads(x, W, A, B, d, lam_b, G)
+    aX, aG = x.abs().reshape(-1, shape[0]), G.abs().reshape(-1, shape[1])  # (N, in), (N, out)
+    aA, aB, ad, ab = A.abs(), B.abs(), d.abs(), lam_b.abs()
+    sizes = ((aX @ aA.T * ((aG * ab) @ aB)).sum(0), (aG * ((aX @ aA.T * ad) @ aB.T)).sum(0),
+             aG @ W.abs() + ((aG * ab) @ aB * ad) @ aA)
+    for name, g, e, size in zip(("dL/dλ_d", "dL/dλ_b", "dL/dx"), got, expected, sizes):
+        assert_same(g, e, name, exact=False, rtol=0, atol=1e-12 * float(size.max()))
+
+
+class HandVeRA(torch.autograd.Function):
+    """Eq. 2 with vera.vera_grads as its backward, for torch.autograd.gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, lambda_d, lambda_b, W, A, B):
+        ctx.save_for_backward(x, lambda_d, lambda_b, W, A, B)
+        return vera_rows(x, W, 0.0, A, B, lambda_d, lambda_b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lambda_d, lambda_b, W, A, B = ctx.saved_tensors
+        grad_d, grad_b, grad_x = vera.vera_grads(x, W, A, B, lambda_d, lambda_b, grad_out)
+        return grad_x, grad_d, grad_b, None, None, None
+
+
+@pytest.mark.exercise("vera.vera_grads")
+@pytest.mark.parametrize("shape", [(5, 3, 2), (2, 6, 4), (4, 4, 1)])
+def test_vera_grads_pass_gradcheck(shape):
+    """torch.autograd.gradcheck: vera.vera_grads against central finite differences of eq. 2 in
+    float64, at gradcheck's own tolerances."""
+    x, W, _, A, B, d, lam_b, _ = random_vera(shape, sum(shape))
+    inputs = tuple(t.requires_grad_(True) for t in (x, d, lam_b))
+    assert torch.autograd.gradcheck(lambda x, d, lam_b: HandVeRA.apply(x, d, lam_b, W, A, B),
+                                    inputs)
 
 
 def test_only_the_vectors_get_gradients_in_the_gpt():
@@ -244,6 +306,7 @@ def test_merge_adapters_gives_a_plain_gpt_with_the_same_outputs():
     torch.testing.assert_close(merged(idx)[0], model(idx)[0], **TOL[torch.float32])
 
 
+@pytest.mark.exercise("vera.vera_forward")
 def test_dropout_is_on_the_adapter_input_only():
     layer, x = make_layer((8, 6, 4, 8, 6), 0, torch.float32)
     layer.vera_dropout = nn.Dropout(0.5)
@@ -392,9 +455,12 @@ def test_switching_among_adapters_copies_vectors_only(tmp_path):
         adapters.load_adapter(live, saved[order], check_base=False)
         torch.testing.assert_close(live(idx)[0], expected[order], **EXACT)
     assert list(vera.vera_layers(live).values()) == layers  # the same layer objects: no rebuild
-    assert vera.vera_projection_of(live) is projection and torch.equal(projection.vera_A, A)
+    assert vera.vera_projection_of(live) is projection
+    assert_same(projection.vera_A, A, "the shared A after switching")
     frozen = [p for p in live.parameters() if not p.requires_grad]
-    assert all(torch.equal(a, b) for a, b in zip(frozen, weights))
+    assert len(frozen) == len(weights)
+    for i, (a, b) in enumerate(zip(frozen, weights)):
+        assert_same(a, b, f"frozen parameter {i} after switching")
 
 
 def test_checksum_or_seed_mismatch_fails_clearly(tmp_path, monkeypatch):
@@ -433,9 +499,9 @@ def test_apply_vera_honours_dropout():
     torch.manual_seed(0)
     first = model(idx)[0]
     torch.manual_seed(1)
-    assert not torch.equal(model(idx)[0], first)  # other masks, other outputs
+    assert not torch.equal(model(idx)[0], first)  # deliberate "differs": other masks, outputs
     model.eval()
-    assert torch.equal(model(idx)[0], model(idx)[0])
+    assert_same(model(idx)[0], model(idx)[0], "logits of two eval-mode calls")
 
 
 # --------------------------------------------------------------------------------------------------
