@@ -29,8 +29,9 @@ a GEMM as large as full fine-tuning's, which is what low-rank adaptation exists 
 Detached norm (section 4.3): the paper treats ||V|| as a constant in backpropagation; it follows
 B and A in the forward but gets no gradient. Then ∇_V L = g ⊙ ∇_W' L, without the projection
 (I − V V^T / n^2) of each row's gradient that section 4.2 derives (eq. 6); ∇_m L is unchanged,
-as m is not in n. Here the norm is computed under torch.no_grad(): no graph is kept for V, and
-the backward is LoRA's with g ⊙ ∇_y L in place of ∇_y L, plus one (out,) reduction for ∇_m.
+as m is not in n (`dora_grads` writes both forms out). Here the norm is computed under
+torch.no_grad(): no graph is kept for V, and the backward is LoRA's with g ⊙ ∇_y L in place of
+∇_y L, plus one (out,) reduction for ∇_m.
 `detach_norm=False` keeps the norm in the graph (the exact gradient of eq. 5): autograd then
 saves V, an (out, in) tensor per adapted layer (a second copy of every adapted weight), until the
 backward, and builds the dense (out, in) gradient −(g c / n^2) ⊙ V, c = Σ_tokens ∇_y L ⊙ V d(x),

@@ -156,8 +156,9 @@ def vera_grads_swapping_the_vectors_inside(x, weight, A, B, lambda_d, lambda_b, 
     X, G = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
     P = X @ A.t()
     back = (G * lambda_b) @ B
-    grad_b = (G * (P @ B.t())).sum(dim=0)  # λ_d dropped from λ_b's gradient ...
-    grad_d = (P * lambda_d * (G @ B)).sum(dim=0)  # ... and λ_d put where λ_b belongs
+    # each vector's gradient scaled by itself, where the chain rule brings in the other one
+    grad_b = (G * lambda_b * (P @ B.t())).sum(dim=0)
+    grad_d = (P * lambda_d * (G @ B)).sum(dim=0)
     return grad_d, grad_b, (G @ weight + (back * lambda_d) @ A).view(x.shape)
 
 
