@@ -57,9 +57,6 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(1)
 
 
-_PROFILE_BEFORE = pytest.StashKey[str]()
-
-
 def pytest_addoption(parser):
     parser.addoption("--exercise", default=None, metavar="MODULE.FUNCTION",
                      help="run only the tests of one exercise of docs/exercises.md; "
@@ -70,15 +67,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "exercise(name, ...): the test checks exercise `name` of docs/exercises.md")
     if config.getoption("--exercise"):
-        # Put back on unconfigure: tests/test_exercises.py runs exercises in nested sessions of
-        # its own process, whose later tests must keep their profile.
-        config.stash[_PROFILE_BEFORE] = settings.get_current_profile_name()
         settings.load_profile("exercise")
-
-
-def pytest_unconfigure(config):
-    if _PROFILE_BEFORE in config.stash:
-        settings.load_profile(config.stash[_PROFILE_BEFORE])
 
 
 def marked_exercises(items) -> dict:

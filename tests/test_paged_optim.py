@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 import paged_optim
 from assertions import assert_same
+import exercises  # noqa: F401 (loads tests/exercises*.py in their order)
+from exercises_quantization import adamw_step_textbook_order
 from paged_optim import DEFAULT_PAGE_BYTES, STATE_NAMES, PagedAdamW, adamw_step, adamw_step_foreach
 
 shapes_st = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=3).map(tuple),
@@ -108,18 +110,6 @@ def test_adamw_step_is_torch_adamw_bit_for_bit(shape, dtype, seed, lr, betas, ep
         assert_same(exp_avg_sq, ref.state[ref_param]["exp_avg_sq"], "exp_avg_sq")
 
 
-def textbook_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
-    """Algorithm 2's last lines as printed: m_hat and v_hat as tensors, then
-    lr m_hat / (sqrt(v_hat) + eps); torch divides sqrt(v) by sqrt(1 - beta2^t) instead and folds
-    1 / (1 - beta1^t) into the step size."""
-    beta1, beta2 = betas
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)  # m and v as torch computes them
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    m_hat, v_hat = exp_avg / (1 - beta1**step), exp_avg_sq / (1 - beta2**step)
-    param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
-
-
 def test_textbook_adamw_is_right_math_other_rounding():
     """The same formula in another order lands within float32's tolerance of torch's AdamW but
     not on its bits; assert_same says so in those words (what a student who writes the textbook
@@ -130,7 +120,7 @@ def test_textbook_adamw_is_right_math_other_rounding():
     textbook = [param.clone(), torch.zeros(1000), torch.zeros(1000)]
     for step in (1, 2, 3):
         adamw_step(ours[0], grad, ours[1], ours[2], step, 1e-3, (0.9, 0.999), 1e-8, 1e-2)
-        textbook_adamw_step(textbook[0], grad, textbook[1], textbook[2], step, 1e-3,
+        adamw_step_textbook_order(textbook[0], grad, textbook[1], textbook[2], step, 1e-3,
                             (0.9, 0.999), 1e-8, 1e-2)
     assert_same(textbook[0], ours[0], "textbook param", exact=False)  # the tolerance holds
     with pytest.raises(AssertionError, match=r"(?s)textbook param: right math, other rounding.*"
