@@ -252,8 +252,6 @@ def dequantized_absmax(q: NF4Weight) -> torch.Tensor:
     nested = q.nested_blocksize is not None
     return double_dequantize(q.absmax, q.nested_absmax, q.offset) if nested else q.absmax
 
-nf4_absmax = dequantized_absmax  # the earlier name
-
 def _output_dtype(q, dtype) -> torch.dtype:
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q must be an NF4Weight (from quantize_nf4), got {type(q).__name__}")
@@ -274,7 +272,7 @@ def dequantize_nf4_plain(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
 # The bits of sections 2-5 with fewer passes over memory and fewer calls: work in chunks of whole
 # blocks that stay in cache, each result written once (fresh memory costs a page fault a page).
 QUANTIZE_CHUNK_VALUES = 1 << 15  # weights per chunk, rounded down to whole blocks (at least one)
-DEQUANTIZE_CHUNK_BYTES = 1 << 16  # packed bytes per chunk, rounded down to whole blocks likewise
+DEQUANTIZE_CHUNK_BYTES = 1 << 17  # packed bytes per chunk, rounded down to whole blocks likewise
 LOOKUP_BINS = 64  # bins of [-1, 1] for the nearest NF4 code: bin = trunc(32 s + 32), 32 s exact
 
 @functools.lru_cache(maxsize=None)
@@ -327,23 +325,26 @@ def _dequantized_absmax_fast(q: NF4Weight) -> torch.Tensor:
     # c2^ = dynamic[codes] * c1 + offset     (nnested, 256) * (nnested, 1) + ()
     return scales.mul_(q.nested_absmax[:, None]).add_(q.offset).view(-1)[: codes.numel()]
 
-def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """dequantize_nf4_plain(q, dtype), bit for bit: chunk by chunk, both values of each byte are
-    gathered into a float32 buffer that stays in cache, then scaled into the output."""
-    dtype = _output_dtype(q, dtype)
+def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None, *,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dequantize_nf4_plain(q, dtype) bit for bit, by chunks: a byte's values gathered as an int64
+    into a float32 buffer in cache, then scaled into a new tensor or `out` (q's shape, dense)."""
+    dtype = _output_dtype(q, dtype if out is None or dtype else check_tensor(out, "out").dtype)
+    if out is not None and (out.dtype, out.shape, out.device, out.is_contiguous()) != (
+            dtype, q.shape, q.packed.device, True):
+        raise ValueError(f"out must be contiguous, {dtype}, {tuple(q.shape)}, on {q.packed.device}")
     absmax, table = _dequantized_absmax_fast(q), _fast_tables(q.packed.device)["pairs"]
     n, blocksize, full = q.numel, q.blocksize, q.numel - q.numel % q.blocksize
-    out = torch.empty(n, dtype=dtype, device=q.packed.device)  # (n,)
+    dst = torch.empty(n, dtype=dtype, device=q.packed.device) if out is None else out.view(-1)
     step = max(2 * DEQUANTIZE_CHUNK_BYTES // blocksize, 1) * blocksize  # values per chunk
-    work = torch.empty(min(step, full), device=out.device)  # float32, reused chunk after chunk
-    work_pairs = work.view(torch.int64)  # the same memory, two values an element
+    work = torch.empty(min(step, full), device=dst.device)  # float32, reused chunk after chunk
     for start in range(0, full, step):
         stop = min(start + step, full)
         packed = q.packed[start // 2: stop // 2].int()  # (m/2,) int32
-        torch.index_select(table, 0, packed, out=work_pairs[: packed.numel()])  # q[k_i]
+        torch.index_select(table, 0, packed, out=work.view(torch.int64)[: packed.numel()])  # q[k]
         # w^ = q[k] * c_b     (m/B, B) * (m/B, 1), rounded once into the output's dtype
         torch.mul(work[: stop - start].view(-1, blocksize), absmax[start // blocksize:
-                  stop // blocksize, None], out=out[start:stop].view(-1, blocksize))
+                  stop // blocksize, None], out=dst[start:stop].view(-1, blocksize))
     if full < n:  # the partial last block and the odd-count pad: q[k_i] * c_last
-        out[full:] = table[q.packed[full // 2:].long()].view(torch.float32)[: n - full] * absmax[-1]
-    return out.view(q.shape)
+        dst[full:] = table[q.packed[full // 2:].long()].view(torch.float32)[: n - full] * absmax[-1]
+    return dst.view(q.shape) if out is None else out

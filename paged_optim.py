@@ -20,6 +20,7 @@ from checks import check_int, check_number, check_tensor
 # 1 MiB: bookkeeping small next to the copy, a budget of a few MiB followed closely (bitsandbytes
 # pages state tensors of >= 1e5 elements only, `Optimizer8bit.get_state_buffer`)
 DEFAULT_PAGE_BYTES = 1 << 20
+RUN_BYTES = 1 << 22  # state paged in for one update at most: it is still in cache when used
 STATE_NAMES = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW's keys: each loads the other's state
 
 # ---------------------------------------------------------------------------- the AdamW update
@@ -239,9 +240,9 @@ class PagedAdamW(torch.optim.Optimizer):
                                      non_blocking=True)
 
     def _runs(self, todo):
-        """Runs of a group's consecutive parameters within half the budget, and their bytes. Moves
-        decided run by run are those of one parameter at a time: no page of a run is the LRU."""
-        runs, sizes, limit = [], [], self.table.limit / 2
+        """Runs of a group's consecutive parameters within half the budget and RUN_BYTES, and their
+        bytes. Moves decided run by run are those of one parameter at a time: none is the LRU."""
+        runs, sizes, limit = [], [], min(self.table.limit / 2, RUN_BYTES)
         for group, param, state in todo:
             nbytes = 2 * param.numel() * param.element_size()
             if not runs or sizes[-1] + nbytes > limit or group is not runs[-1][0][0]:
