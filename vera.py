@@ -147,18 +147,16 @@ def add_vera_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     """y += Λ_b B Λ_d A x in y's memory, for y (N, out), x (N, in); returns y. As for
     lora.add_low_rank_, y must be a tensor nothing else holds, such as a base layer's fresh output.
 
-    Λ_d scales the r columns of A x (N, r), a pass over few numbers; Λ_b is folded into the
-    frozen B as Λ_b B (out, r), so the sum is LoRA's in-place `addmm_` and makes no pass over the
-    (N, out) activations, where vera_forward scales them by λ_b. Per token this costs 4r in + 6r
-    out FLOPs (the gradient of Λ_b B is one more matmul over the tokens) against 4r (in + out)
-    plus elementwise passes over (N, out).
+    Right to left as eq. 2 reads (and PEFT computes): Λ_d scales the r columns of A x, B maps them
+    to (N, out), and λ_b scales that while it is added into y, in one pass (addcmul_). Folding Λ_b
+    into B instead (Λ_b B, (out, r)) saves that pass but its gradient is a matmul over the tokens,
+    which costs more at VeRA's ranks (docs/vera.md#the-forward).
     """
     if y.dtype != A.dtype:  # a low-precision base: sum in the adapter's dtype, round back once
         return add_vera_(y.to(A.dtype), x, A, B, lambda_d, lambda_b).to(y.dtype)
-    projected = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
-    scaled_B = lambda_b[:, None] * B  # (out, 1) * (out, r) -> (out, r): Λ_b B
+    scaled = (x.to(A.dtype) @ A.t()) * lambda_d  # (N, in) @ (in, r) -> (N, r): Λ_d A x
     # h = W0 x + b + Λ_b B Λ_d A x   (VeRA, eq. 2), with W0 x + b in y
-    return y.addmm_(projected * lambda_d, scaled_B.t())  # (N, out) += (N, r) @ (r, out)
+    return y.addcmul_(scaled @ B.t(), lambda_b)  # (N, out) += ((N, r) @ (r, out)) ⊙ (out,)
 
 
 def add_vera(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
