@@ -82,7 +82,6 @@ class Page:
     device_data: torch.Tensor | None = None
     host_data: torch.Tensor | None = None  # kept from the first page-out on: the backing store
 
-
 @dataclasses.dataclass
 class PagingStats:
     page_ins: int = 0  # host -> device moves of one page (not the first allocation of zeros)
@@ -91,7 +90,6 @@ class PagingStats:
     bytes_out: int = 0
     resident_bytes: int = 0  # optimizer state on the device now
     peak_resident_bytes: int = 0  # the most ever at once
-
 
 class PageTable:
     """Fixed-size pages, which of them are on the device, and the rule that decides which move.
@@ -184,7 +182,8 @@ def _check_hyperparameters(group, prefix=""):
 
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with exp_avg and exp_avg_sq in pages: at most `device_budget_bytes` of them on the
-    device between steps (None: no limit), the rest paged out to host memory."""
+    device between steps (None: no limit), the rest in host memory. Every other step goes through
+    the parameters backwards, first to the pages LRU kept (a fixed cycle moves every page)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_bytes=DEFAULT_PAGE_BYTES, device_budget_bytes=None):
@@ -193,7 +192,7 @@ class PagedAdamW(torch.optim.Optimizer):
             check_int(device_budget_bytes, "device_budget_bytes (None: no limit)", low=0)
         self.device_budget_bytes, self.stats = device_budget_bytes, PagingStats()
         self.table = PageTable(page_bytes, device_budget_bytes, self.stats)
-        self.prefetcher = SideStreamPrefetch()
+        self.prefetcher, self.steps_taken = SideStreamPrefetch(), 0
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=False, maximize=False, foreach=False))  # as AdamW's
 
@@ -267,8 +266,10 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [(group, param) for group in self.param_groups for param in group["params"]]
         if any(param.grad is not None and param.grad.is_sparse for _, param in params):
             raise RuntimeError("PagedAdamW does not support sparse gradients")
-        runs, sizes = self._runs([(group, param, self._state_of(param, i)) for i, (group, param)
-                                  in enumerate(params) if param.grad is not None])  # as AdamW
+        todo = [(group, param, self._state_of(param, i)) for i, (group, param)
+                in enumerate(params) if param.grad is not None]  # as AdamW
+        self.steps_taken += 1  # even steps backwards (see the class doc)
+        runs, sizes = self._runs(todo[:: 1 if self.steps_taken % 2 else -1])
         budget, early = self.device_budget_bytes, False
         for n, run in enumerate(runs):
             if not early:  # else paged in during the last run's update
@@ -341,9 +342,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self.stats.resident_bytes, self.state = 0, defaultdict(dict)
         self.table = PageTable(self.page_bytes, self.device_budget_bytes, self.stats)
         for i, (step, flats) in checked.items():
-            state = self._state_of(params[i], i)
-            state["step"] = step
-            for k, page in enumerate(state["pages"]):
+            self._state_of(params[i], i)["step"] = step
+            for k, page in enumerate(self.state[params[i]]["pages"]):
                 page.location = "host"
                 page.host_data = flats[k % 2][page.start:page.stop].view(page.shape)
         for group, saved in zip(self.param_groups, groups):  # foreach stays False

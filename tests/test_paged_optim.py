@@ -221,8 +221,9 @@ def reference_lru(numels, itemsize, page_bytes, budget, masks):
                 del resident[key]
                 paged_out.append(key)
 
-    for mask in masks:
-        for i, n in enumerate(numels):
+    for step, mask in enumerate(masks, 1):
+        order = list(enumerate(numels))
+        for i, n in order if step % 2 else order[::-1]:  # every other step backwards
             if not mask[i]:
                 continue
             pages = [((i, name, s), min(per_page, n - s) * itemsize)
@@ -256,6 +257,23 @@ def test_pages_paged_out_are_the_least_recently_used(shapes, page_bytes, budget_
     assert paged_out == expected_out
     assert opt.lru_order() == expected_lru
     assert opt.stats.page_outs == len(expected_out)
+
+
+@pytest.mark.parametrize("count", [2, 4, 7])
+def test_alternating_order_moves_half_the_pages_of_a_half_budget(count):
+    """count equal parameters, a budget of half their state, one page per state tensor: after the
+    first step, each step pages in only the half that LRU paged out (a fixed order would page in
+    all of them every step: LRU's worst case). The values are AdamW's either way (tested above)."""
+    shapes = [(16,)] * count
+    budget = sum(state_bytes(s) for s in shapes) // 2
+    params = make_params(shapes, 0)
+    opt = PagedAdamW(params, page_bytes=64, device_budget_bytes=budget)
+    train(opt, params, 1, 0)
+    resident_pages = budget // 64  # 64-byte pages: m and v of one parameter are two pages
+    for steps in range(2, 6):
+        before = opt.stats.page_ins
+        train(opt, params, 1, steps)
+        assert opt.stats.page_ins - before == 2 * count - resident_pages, steps
 
 
 @given(shapes=shapes_st, page_bytes=st.integers(1, 40), budget_fraction=st.floats(0, 1.1),
