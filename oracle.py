@@ -2,8 +2,8 @@
 
 One checker per contract draws cases with Hypothesis (oracle_cases.py; the cases that catch known
 mistakes run first, whatever `examples` says), runs fn on inputs made on `device`, and raises
-AssertionError with the shrunk minimal case, the first differing element and the lines that
-reproduce it; on success it returns what it tried. `derandomize=False` draws new cases each run.
+AssertionError with the failing case (a drawn one shrunk), the first differing element and the
+lines that reproduce it; on success it returns what it tried. `derandomize=False`: new draws.
 Golden files for other languages: `python oracle.py golden DIR` and `verify DIR` (oracle_golden.py).
 How to use it, the tolerances and the traps: docs/oracle.md. The references are nf4.py (QLoRA,
 arXiv:2305.14314, sec. 3), lora.py (arXiv:2106.09685, eq. 3: h = W0 x + b + s B A x), dora.py
@@ -126,12 +126,18 @@ def adapter_tolerances(contract: str, inputs: dict, expected: dict, gradients=Tr
 
 
 # ----------------------------------------------------------------------------- comparing
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of t, flattened, as ordered integers: adjacent floats differ by 1."""
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t, flattened, as int64: equal only where the bits are (-0.0 != 0.0)."""
     t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[
+        t.element_size()]).long()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t as ordered integers: adjacent floats differ by 1 (-0.0 and 0.0: 0)."""
+    bits = raw_bits(t)
     if not t.is_floating_point():
-        return t.long()
-    bits = t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]).long()
+        return bits
     return torch.where(bits < 0, -(bits + (1 << (8 * t.element_size() - 1))), bits)
 
 
@@ -163,7 +169,7 @@ def _difference(contract, name, i, want, have, error, count, inputs, atol) -> st
         ulp = torch.finfo(have.dtype).eps * 2.0 ** (math.frexp(want[i].item())[1] - 1)
         line += (f" {have.dtype}: |difference| {error[i].item():.3g} = "
                  f"{error[i].item() / ulp:.3g} ulps > tolerance {atol[name]:.3g}")
-    elif want.is_floating_point():
+    elif want.is_floating_point():  # 0 ulps apart: 0.0 against -0.0
         line += f", {int(error[i])} ulps apart (largest {int(error.max())})"
     return line + f"; {count} of {want.numel()} differ"
 
@@ -187,7 +193,7 @@ def compare(contract, expected: dict, got: dict, inputs: dict, atol: dict | None
             bad = ~(error <= atol.get(name, 0.0))
         else:
             error = (_bits(have) - _bits(want)).abs()
-            bad = error != 0
+            bad = raw_bits(have) != raw_bits(want)
             start = inputs["param"].cpu().double().reshape(-1) if name == "param_after" else 0.0
             change, wanted = have.double() - start, want.double() - start  # AdamW: the update
             near = want.is_floating_point() and bool(

@@ -8,7 +8,9 @@ The kinds of values are those that catch real mistakes:
   absmax a power of two, the other values the 15 NF4 midpoints times it: the scaled values lie
   exactly on the midpoints in float32, near them in 16 bits); "zero_blocks" (every other block and
   the last, maybe partial, block all zeros); "dynamic_ties" (block scales such that with double
-  quantization the centred scales lie exactly on midpoints of the 8-bit dynamic map).
+  quantization the centred scales lie exactly on midpoints of the 8-bit dynamic map);
+  "partial_ties" (in the partial last block, values w whose w / c and w * (1 / c) fall on either
+  side of an NF4 midpoint: that block divides, the full ones multiply by the reciprocal).
 - NF4Weight to dequantize: those, quantized, or "random_bytes" (every nibble, every 8-bit code).
 - adapters: odd widths, rank 1, leading dims (), (n,), (a, b), bias or not, 16-bit bases (float32
   adapters beside them, as adapters.adapter_dtype does), B not zero; for DoRA maybe a zero row.
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 import nf4
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NF4_VALUES = ("normal", "heavy", "nf4_ties", "zero_blocks", "dynamic_ties")
+NF4_VALUES = ("normal", "heavy", "nf4_ties", "zero_blocks", "dynamic_ties", "partial_ties")
 SCALINGS = (0.5, 1.0, 2.0, 16 / 3, 8 / math.sqrt(3))  # alpha / r and rsLoRA's alpha / sqrt(r)
 ADAMW_STEPS = (1, 2, 3, 10, 1000, 10**6)
 ADAMW_GRADIENTS = ("normal", "tiny", "zero", "large")
@@ -77,6 +79,19 @@ def _block_scales(nblocks: int, generator) -> torch.Tensor:
     return scales
 
 
+def _division_ties(count: int, generator) -> torch.Tensor:
+    """count float32 values: an absmax c, then values w (|w| < c) for which w / c and w * (1 / c)
+    lie on either side of an NF4 midpoint m, taken from the float32 neighbours of m c."""
+    midpoints = _midpoints(nf4.nf4_code())[:, None]  # (15, 1)
+    while True:
+        c = torch.rand((), generator=generator) * 3 + 0.1  # float32
+        near = (midpoints.double() * c.double()).float()  # (15, 1) m c, rounded
+        w = (near.view(torch.int32) + torch.arange(-3, 4, dtype=torch.int32)).view(torch.float32)
+        split = (w / c > midpoints) != (w * c.reciprocal() > midpoints)  # (15, 7)
+        if bool(split.any()):
+            return torch.cat([c.view(1), w[split].repeat(count)])[:count]
+
+
 def nf4_weight(case) -> torch.Tensor:
     """The weight of an NF4 case (fields rows, cols, blocksize, dtype, values, seed), on the CPU."""
     generator, n, blocksize = _generator(case), math.prod(_shape(case)), case["blocksize"]
@@ -97,6 +112,9 @@ def nf4_weight(case) -> torch.Tensor:
     elif kind == "zero_blocks":
         blocks = torch.arange(n) // blocksize  # (n,) block of each element
         flat[(blocks % 2 == 1) | (blocks == nblocks - 1)] = 0.0
+    elif kind == "partial_ties":
+        full = n - n % blocksize
+        flat[full:] = _division_ties(n - full, generator)
     elif kind == "dynamic_ties":
         scales = _block_scales(nblocks, generator).repeat_interleave(blocksize)[:n]  # (n,)
         flat = scales * (torch.rand(n, generator=generator) * 2 - 1)  # |x| < scale
@@ -265,7 +283,8 @@ EXAMPLES = {
         _nf4("nf4_ties", 32, 1, 49),  # a naive argmin |s - q| takes the upper code at 6 midpoints
         _nf4("dynamic_ties", 32, 1, 32 * 256, double_quant=True),  # ties of the 8-bit map
         _nf4("zero_blocks", 64, 3, 70, "bfloat16", True),  # zero full and partial blocks
-        _nf4("heavy", 4096, 1, 2 * 4096 + 1, "float16", True)],  # odd count, widest blocks
+        _nf4("heavy", 4096, 1, 2 * 4096 + 1, "float16", True),  # odd count, widest blocks
+        _nf4("partial_ties", 64, 1, 64 + 40)],  # the partial block divides by its absmax
     "nf4_dequantize": [
         {**_nf4("random_bytes", 32, 1, 1001, "bfloat16", True), "source_dtype": "float32"},
         {**_nf4("zero_blocks", 64, 3, 70, "float32", False), "source_dtype": "float16"},

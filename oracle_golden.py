@@ -100,9 +100,9 @@ def verify_case(directory: str, entry: dict) -> list:
             error = (want - have).abs().max().item()
             if not error <= GOLDEN_REL * want.abs().max().item():
                 problems.append(f"{name} differs from the reference by up to {error:.3g}")
-        elif not oracle._bits(want).equal(oracle._bits(have)):
+        elif not oracle.raw_bits(want).equal(oracle.raw_bits(have)):
             problems.append(f"{name} differs from the reference at element "
-                            f"{int((oracle._bits(want) != oracle._bits(have)).nonzero()[0])}")
+                            f"{int((oracle.raw_bits(want) != oracle.raw_bits(have)).nonzero()[0])}")
     return problems
 
 

@@ -42,21 +42,24 @@ def nearest_by_argmin(scaled, code):
     return (scaled[:, None] - code).abs().argmin(dim=1)
 
 
-def blockwise(x, code, blocksize, nearest):
+def blockwise(x, code, blocksize, nearest, divide_partial=True):
     """(indices, absmax) of float32 x: s = x * (1/absmax), x / absmax in a partial last block."""
     n, full = x.numel(), x.numel() - x.numel() % blocksize
     padded = torch.cat([x, x.new_zeros(-n % blocksize)]).view(-1, blocksize)  # (nblocks, B)
     absmax = padded.abs().amax(dim=1)  # (nblocks,)
     safe = absmax.clamp(min=nf4.ABSMAX_FLOOR)
     reciprocal = safe[: full // blocksize, None].reciprocal()  # (nblocks_full, 1)
+    last = safe[full // blocksize:]  # (0 or 1,)
     scaled = torch.cat([(x[:full].view(-1, blocksize) * reciprocal).view(-1),
-                        x[full:] / safe[full // blocksize:]])  # (n,)
+                        x[full:] / last if divide_partial else x[full:] * last.reciprocal()])
     return nearest(scaled, code.to(x.device)), absmax
 
 
 def plain_quantize(w, blocksize=64, double_quant=True, nearest=nearest_by_midpoints,
-                   nested_nearest=nearest_by_midpoints, high_first=True, absmax_dtype=None):
-    indices, absmax = blockwise(w.reshape(-1).float(), nf4.nf4_code(), blocksize, nearest)
+                   nested_nearest=nearest_by_midpoints, high_first=True, absmax_dtype=None,
+                   divide_partial=True):
+    indices, absmax = blockwise(w.reshape(-1).float(), nf4.nf4_code(), blocksize, nearest,
+                                divide_partial)
     if w.numel() % blocksize:
         absmax[-1:] = absmax[-1:].clamp(min=nf4.ABSMAX_FLOOR)  # stored as the reference does
     if absmax_dtype is not None:
@@ -66,7 +69,8 @@ def plain_quantize(w, blocksize=64, double_quant=True, nearest=nearest_by_midpoi
     result = {"packed": (high * 16 + low).to(torch.uint8), "absmax": absmax}
     if double_quant:
         offset = absmax.mean()
-        codes, nested = blockwise(absmax - offset, nf4.dynamic_code(), 256, nested_nearest)
+        codes, nested = blockwise(absmax - offset, nf4.dynamic_code(), 256, nested_nearest,
+                                  divide_partial)
         result.update(absmax=codes.to(torch.uint8), nested_absmax=nested, offset=offset)
     return result
 
@@ -150,6 +154,12 @@ def torch_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, wei
     param.copy_(leaf.detach())
 
 
+def negative_zeros(q, dtype):
+    """The reference's values with -0.0 for every zero: equal as numbers, not bit for bit."""
+    values = nf4.dequantize_nf4(q, dtype)
+    return torch.where(values == 0, -torch.zeros_like(values), values)
+
+
 def variant(fn, **options):
     def candidate(*args, **kwargs):
         return fn(*args, **kwargs, **options)
@@ -219,6 +229,10 @@ REJECTED = [  # (checker, wrong implementation, what the message must show)
      "'blocksize': 32", r"packed differs at byte 0 .* \(codes (\d+), (\d+) vs \2, \1\)"),
     (oracle.check_nf4_quantize, variant(plain_quantize, absmax_dtype=torch.bfloat16),
      "'double_quant'", r"(absmax|nested_absmax|offset) differs at"),
+    (oracle.check_nf4_quantize, variant(plain_quantize, divide_partial=False),
+     "'values': 'partial_ties'", r"packed differs at byte (3[2-9]|4\d|5[0-1]) "),
+    (oracle.check_nf4_dequantize, negative_zeros, "'values': 'random_bytes'",
+     r"dequantized differs at index \(\d+,\) .*: expected 0.0, got -0.0, 0 ulps apart"),
     (oracle.check_nf4_dequantize, variant(plain_dequantize, high_first=False),
      "'values': 'random_bytes'", r"dequantized differs at index \(\d+,\) \(byte \d+, \w+ nibble"),
     (oracle.check_nf4_dequantize, lambda q, dtype: plain_dequantize(q, dtype, multiply_dtype=dtype),
