@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import warnings
 
 import torch
 import torch.nn as nn
@@ -33,8 +32,8 @@ import dora
 import lora
 import safetensors_io
 import vera
-from adapters import (ALL_LINEAR, adapter_layers, is_linear_like, load_adapter_state,
-                      loadable_adapter_layers, replace_submodule)
+from adapters import (ALL_LINEAR, adapter_layers, is_linear_like, loadable_adapter_layers,
+                      matches_targets, replace_submodule)
 from checks import check_bool, check_int, check_number, check_probability
 
 CONFIG_FILE = "adapter_config.json"
@@ -105,19 +104,8 @@ class SavedAdapter:
         return layers
 
 
-def matches_targets(name: str, target_modules) -> bool:
-    """PEFT's rule: a list holds names or suffixes ("q_proj" matches "blocks.0.attn.q_proj"); a
-    string is a regular expression the whole name must match; "all-linear": the tensors decide."""
-    if target_modules == ALL_LINEAR:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 # --------------------------------------------------------------------------------------------------
 # Files: write, read, check.
-
 def write_adapter(saved: SavedAdapter, directory: str) -> None:
     """Write `saved` into `directory` (created if needed): tensors first, config last."""
     directory = os.fspath(directory)
@@ -142,8 +130,8 @@ def read_adapter(directory: str) -> SavedAdapter:
         text = file.read()
     try:
         config = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({type(error).__name__})") from None
     tensors, metadata = safetensors_io.load_file(tensor_path)
     stored = metadata.pop("config_sha256", None)
     if stored is not None and stored != safetensors_io.sha256_hex(text):
@@ -160,7 +148,8 @@ def read_adapter(directory: str) -> SavedAdapter:
 
 def check_config(config, source: str) -> dict:
     """The config with PEFT's defaults filled in; a ValueError/TypeError naming a bad field."""
-    if not isinstance(config, dict) or config.get("peft_type") not in PEFT_DEFAULTS:
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if not isinstance(peft_type, str) or peft_type not in PEFT_DEFAULTS:
         raise ValueError(f"{source}: must be a JSON object whose peft_type is 'LORA' or 'VERA'")
     config = {**PEFT_DEFAULTS[config["peft_type"]], **config}
     for option in UNSUPPORTED_OPTIONS:
@@ -175,6 +164,10 @@ def check_config(config, source: str) -> dict:
             and all(isinstance(t, str) and t for t in targets)):
         raise ValueError(f"{source}: target_modules must be a non-empty list of names, a regular "
                          f"expression or 'all-linear', got {targets!r}")
+    try:
+        re.compile(targets) if isinstance(targets, str) else None
+    except re.error as error:
+        raise ValueError(f"{source}: target_modules is no regular expression ({error})") from None
     return config
 
 
@@ -225,7 +218,6 @@ def check_same_adapter(saved: SavedAdapter, model: SavedAdapter) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Models: describe, save, load, build.
-
 def _base_key(key: str, layers: dict) -> str | None:
     """The plain model's name for a state-dict key; None for an adapter's own tensors and flags."""
     parts = key.split(".")
@@ -291,6 +283,18 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     write_adapter(saved_adapter(model), directory)
 
 
+def checked_source(source) -> SavedAdapter:
+    """read_adapter(source) for a directory; a SavedAdapter's config and tensors checked again."""
+    if isinstance(source, SavedAdapter):
+        saved = dataclasses.replace(source, config=check_config(source.config, source.source))
+        check_tensors(saved)
+        return saved
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be an adapter directory or a SavedAdapter, got "
+                        f"{type(source).__name__} (a tensor dict has no r, alpha, seed to check)")
+    return read_adapter(source)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, source, *, check_base: bool = True) -> None:
     """Copy an adapter directory (or read_adapter's SavedAdapter) into the adapters `model` carries.
@@ -298,13 +302,10 @@ def load_adapter(model: nn.Module, source, *, check_base: bool = True) -> None:
     Refuses, naming the field and both values, a file whose method, r, alpha, rsLoRA, targets,
     VeRA seed or matrices, base layer type or shapes differ from the model's, and with `check_base`
     a base other than the one it was saved on (a switching loop that checked it once may skip it).
-    Nothing is copied unless all fits. A bare tensor dict: deprecated, see load_adapter_state.
+    Nothing is copied unless all fits. An in-memory SavedAdapter is checked again (it may have been
+    edited since it was read); a bare tensor dict is refused: it cannot say how it was trained.
     """
-    if isinstance(source, dict):
-        warnings.warn("load_adapter(model, state_dict) is deprecated; use "
-                      "adapters.load_adapter_state", DeprecationWarning, stacklevel=2)
-        return load_adapter_state(model, source)
-    saved = source if isinstance(source, SavedAdapter) else read_adapter(source)
+    saved = checked_source(source)
     layers = loadable_adapter_layers(model)
     check_base = check_base and "base_fingerprint" in saved.metadata
     if not check_base:
@@ -320,7 +321,7 @@ def load_adapter(model: nn.Module, source, *, check_base: bool = True) -> None:
 def apply_saved_adapter(model: nn.Module, source) -> nn.Module:
     """Build on a plain base model the adapters a directory describes, load them; returns model.
     The layers are those the file has tensors for; a failure leaves the model as it was."""
-    saved = source if isinstance(source, SavedAdapter) else read_adapter(source)
+    saved = checked_source(source)
     if adapter_layers(model):
         raise ValueError("model already carries adapters: load_adapter replaces their tensors")
     config, names = saved.config, list(saved.layers())

@@ -11,6 +11,7 @@ it. The file format itself (keys, config fields, metadata) is in adapter_files.p
 from __future__ import annotations
 
 import copy
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -289,6 +290,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def matches_targets(name: str, target_modules) -> bool:
+    """PEFT's rule: a list holds names or suffixes ("q_proj" matches "blocks.0.attn.q_proj"); a
+    string is a regular expression the whole name must match; "all-linear": the tensors decide."""
+    if target_modules == ALL_LINEAR:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
 def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     layers = adapter_layers(model)
     if not layers:
@@ -298,35 +309,6 @@ def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
         raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
                          "the old update)")
     return layers
-
-
-@torch.no_grad()
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a bare tensor dict (adapter_state_dict's keys) into the model's adapters.
-
-    A bare dict says nothing of the rank, alpha or seed it was trained with, so this checks what it
-    can (keys, shapes, finite floats) and refuses models with VeRA layers, whose shared matrices it
-    cannot vouch for. Anything that crosses a process or a file: save_adapter / load_adapter.
-    """
-    layers = loadable_adapter_layers(model)
-    if any(type(layer).__name__ == "VeRALinear" for layer in layers.values()):
-        raise ValueError("a bare tensor dict cannot prove which VeRA matrices it was trained on; "
-                         "use save_adapter/load_adapter (they check the projection checksum)")
-    expected = {f"{n}.{p}": getattr(layer, p)
-                for n, layer in layers.items() for p in layer.adapter_parameter_names}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter state does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for key, param in expected.items():
-        if not isinstance(state[key], torch.Tensor) or not state[key].is_floating_point():
-            raise TypeError(f"adapter state {key!r} must be a floating-point tensor")
-        check_tensor(state[key], f"adapter state {key!r}", finite=True)
-        if state[key].shape != param.shape:
-            raise ValueError(f"adapter state {key!r} has shape {tuple(state[key].shape)}, "
-                             f"the model expects {tuple(param.shape)}")
-    for key, param in expected.items():
-        param.copy_(state[key])
 
 
 def atomic_save(obj, path: str, write: Callable | None = None) -> None:

@@ -8,6 +8,7 @@ logits of size ~1). Loading a file into our own model is exact (the same tensors
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -237,9 +238,9 @@ def test_merging_a_quantized_model_takes_the_same_inputs_in_a_chosen_dtype():
 
 
 # --------------------------------------------------------------------------------------------------
-# Bare tensor dicts (in memory): load_adapter_state.
+# In memory: adapter_state_dict reads the tensors; a SavedAdapter loads, a bare dict does not.
 
-def test_adapter_state_dict_round_trip_through_load_adapter_state():
+def test_adapter_state_dict_is_a_detached_copy_and_a_bare_dict_does_not_load():
     model = trained("lora")
     state = adapters.adapter_state_dict(model)
     assert set(state) == {f"{t}.lora_{m}" for t in linear_names(make_gpt(), PEFT_TARGETS)
@@ -248,34 +249,34 @@ def test_adapter_state_dict_round_trip_through_load_adapter_state():
     # must differ: the copy was edited, the model's lora_A was not
     assert not torch.equal(state["blocks.0.attn.q_proj.lora_A"], model.blocks[0].attn.q_proj.lora_A)
     other = BUILDERS["lora"](make_gpt())
-    adapters.load_adapter_state(other, adapters.adapter_state_dict(model))
-    assert_same(other(tokens())[0], model(tokens())[0], "logits after load_adapter_state")
-    with pytest.warns(DeprecationWarning, match="load_adapter_state"):
-        adapters.load_adapter(other, adapters.adapter_state_dict(model))  # the old call
-
-
-def test_load_adapter_state_names_what_does_not_fit_and_leaves_the_model_alone():
-    model = trained("lora")
-    good, before = adapters.adapter_state_dict(model), adapters.adapter_state_dict(model)
-    key = "blocks.1.mlp.up_proj.lora_B"
-    for state, error, match in [
-            ({k: v for k, v in good.items() if k != key}, ValueError, f"missing.*{key}"),
-            (dict(good, **{"blocks.0.attn.nope.lora_A": torch.zeros(4, 16)}), ValueError,
-             "unexpected.*blocks.0.attn.nope.lora_A"),
-            (dict(good, **{key: torch.zeros(3, 3)}), ValueError, rf"{key}.*\(3, 3\).*\(64, 4\)"),
-            (dict(good, **{key: torch.full((64, 4), float("nan"))}), ValueError, "NaN"),
-            (dict(good, **{key: [1.0]}), TypeError, "floating-point")]:
-        with pytest.raises(error, match=match):
-            adapters.load_adapter_state(model, state)
-    for k, v in adapters.adapter_state_dict(model).items():
-        assert_same(v, before[k], f"{k} after the refused loads")
-    model.blocks[0].attn.q_proj.merge()
-    with pytest.raises(ValueError, match="unmerge"):
-        adapters.load_adapter_state(model, good)
-    with pytest.raises(ValueError, match="no adapter"):
-        adapters.load_adapter_state(make_gpt(), good)
+    for source in (state, adapters.adapter_state_dict(model), None, 3):  # no r, alpha or seed
+        with pytest.raises(TypeError, match="adapter directory or a SavedAdapter, got .* no r, "):
+            adapters.load_adapter(other, source)
+        with pytest.raises(TypeError, match="adapter directory or a SavedAdapter"):
+            adapters.apply_saved_adapter(make_gpt(), source)
     with pytest.raises(ValueError, match="no adapter"):
         adapters.adapter_state_dict(make_gpt())
+
+
+def test_an_edited_saved_adapter_in_memory_is_checked_again_and_leaves_the_model_alone():
+    """read_adapter's SavedAdapter can be kept to switch adapters without reading files again;
+    if it is edited before load_adapter, the edit is checked like a file's."""
+    model, source = trained("lora"), trained("lora", seed=3)
+    good, before = adapters.saved_adapter(source), adapters.adapter_state_dict(model)
+    key = "base_model.model.blocks.1.mlp.up_proj.lora_B.weight"
+    for tensors, config, error, match in [
+            (dict(good.tensors, **{key: torch.full((64, 4), float("nan"))}), {}, ValueError,
+             f"{key}' must hold finite floats"),
+            (dict(good.tensors, **{key: torch.zeros(3, 3)}), {}, ValueError, "shape"),
+            (good.tensors, {"lora_alpha": 32.0}, ValueError, "lora_alpha is 32.0 in the file"),
+            (good.tensors, {"use_rslora": "yes"}, TypeError, "use_rslora must be a bool")]:
+        edited = dataclasses.replace(good, tensors=tensors, config={**good.config, **config})
+        with pytest.raises(error, match=match):
+            adapters.load_adapter(model, edited)
+    for k, v in adapters.adapter_state_dict(model).items():
+        assert_same(v, before[k], f"{k} after the refused loads")
+    adapters.load_adapter(model, good)
+    assert_same(model(tokens())[0], source(tokens())[0], "logits after loading the good one")
 
 
 def test_atomic_save_leaves_no_partial_file_and_gives_the_usual_mode(tmp_path):
@@ -467,6 +468,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
         (variant("truncated", tensors=tensor_bytes[:-10]), ValueError, adapter_files.TENSOR_FILE),
         (variant("flipped", tensors=bytes(flipped)), ValueError, adapter_files.TENSOR_FILE),
         (variant("json", config="{not json"), ValueError, "not valid JSON"),
+        (variant("deep", config="[" * 10**5 + "]" * 10**5), ValueError, "not valid JSON"),
         (variant("edited", config=config_text.replace('"lora_alpha": 8.0', '"lora_alpha": 16')),
          ValueError, "config_sha256 differs"),
         (variant("empty"), None, None),
@@ -489,7 +491,9 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
             ("fan", {"fan_in_fan_out": True}, tensors, "fan_in_fan_out .* not supported"),
             ("targets", {"target_modules": ["k_proj"]}, tensors, "not in target_modules"),
             ("nan", {}, nan, f"{key}' must hold finite floats"),
-            ("lora", {"use_dora": False}, tensors, "lora_magnitude_vector' is not a lora key")]:
+            ("lora", {"use_dora": False}, tensors, "lora_magnitude_vector' is not a lora key"),
+            ("listed", {"peft_type": ["LORA"]}, tensors, "peft_type is 'LORA' or 'VERA'"),
+            ("regex", {"target_modules": "(q_proj"}, tensors, "target_modules is no regular ex")]:
         directory = tmp_path / name
         directory.mkdir()
         adapter_files.safetensors_io.save_file(nan if tensors_change is nan else tensors,

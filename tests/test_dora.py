@@ -17,6 +17,7 @@ from a cancelling row of V), and a comparison passes when
                    roundings of 2^-8 = 3.9e-3 relative, and their effect on the next sum)
 """
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -583,17 +584,16 @@ def test_apply_dora_trains_only_the_adapters_and_round_trips_its_state():
         for layer in layers.values():
             layer.lora_B.normal_(generator=gen)
             layer.magnitude.mul_(1.5)
-    state = adapters.adapter_state_dict(model)
-    assert sum(k.endswith(".magnitude") for k in state) == len(layers)
+    assert sum(k.endswith(".magnitude") for k in adapters.adapter_state_dict(model)) == len(layers)
+    saved = adapters.saved_adapter(model)  # in memory, as a directory would hold it
     fresh = dora.apply_dora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=6)
-    adapters.load_adapter_state(fresh, state)
+    adapters.load_adapter(fresh, saved)
     idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
-    bad = dict(state)
-    key = next(k for k in bad if k.endswith(".magnitude"))
-    bad[key] = bad[key][:-1]
+    key = next(k for k in saved.tensors if k.endswith(".lora_magnitude_vector"))
+    bad = dict(saved.tensors, **{key: saved.tensors[key][:-1]})
     with pytest.raises(ValueError, match="shape"):
-        adapters.load_adapter_state(fresh, bad)
+        adapters.load_adapter(fresh, dataclasses.replace(saved, tensors=bad))
 
 
 # ------------------------------------------------------------------------------------ bad inputs

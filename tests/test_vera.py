@@ -478,8 +478,8 @@ def test_checksum_or_seed_mismatch_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="projection_prng_key is 3 in the file but 4 in the model"):
         adapters.load_adapter(trained_vera_gpt(0, seed=4), directory)
-    with pytest.raises(ValueError, match="bare tensor dict cannot prove"):
-        adapters.load_adapter_state(trained_vera_gpt(1), adapters.adapter_state_dict(bare_vera()))
+    with pytest.raises(TypeError, match="a tensor dict has no r, alpha, seed to check"):
+        adapters.load_adapter(trained_vera_gpt(1), adapters.adapter_state_dict(bare_vera()))
 
 
 def bare_vera():
