@@ -41,8 +41,8 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["  # an infinite bound is never included
+        right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
     return value

@@ -342,6 +342,25 @@ def folder(text: str) -> str:
     return text
 
 
+def writable_folder(text: str) -> str:
+    """A folder to write into: it exists, or its nearest existing ancestor is a writable folder."""
+    ancestor = os.path.abspath(folder(text))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
+        why = "not writable" if os.path.isdir(ancestor) else "a file"
+        raise argparse.ArgumentTypeError(f"cannot make or write {text!r}: {ancestor} is {why}")
+    return text
+
+
+def occupied(out: str, methods) -> str | None:
+    """The first path of `out` where a method's weights go that holds the wrong kind of entry."""
+    for path in (os.path.join(out, weights_name(m)) for m in methods):
+        if os.path.exists(path) and os.path.isdir(path) == path.endswith(".safetensors"):
+            return path
+    return None
+
+
 def text_flag(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must be at least one character")

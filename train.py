@@ -32,8 +32,9 @@ import vera
 from checks import check_int, check_number, check_probability
 from paged_optim import PagedAdamW
 from sample import (CorruptFile, Corpus, OtherRun, Parser, build_vocab, checked, finetuning_text,
-                    folder, make_corpus, pretraining_text, print_samples, read_checkpoint, record,
-                    save_checkpoint, save_weights, set_aside, weights_fingerprint, weights_name)
+                    make_corpus, occupied, pretraining_text, print_samples, read_checkpoint, record,
+                    save_checkpoint, save_weights, set_aside, weights_fingerprint, weights_name,
+                    writable_folder)
 from tiny_gpt import GPT, GPTConfig
 
 # ------------------------------------------------------------------------------------------- config
@@ -52,7 +53,6 @@ class TrainConfig:
     eval_batches: int = 8         # fixed validation batches (of batch_size windows) per estimate
     checkpoint_every: int = 100   # steps between checkpoints while training
     seed: int = 1337              # seeds weights, batches, dropout and adapters
-
 
 # Small enough for the test-suite: seconds, not minutes.
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8, pretrain_steps=30,
@@ -347,7 +347,7 @@ def build_parser() -> Parser:
     add("--pretrain-steps", type=count, help="pretraining steps")
     add("--seed", type=checked(check_int, low=0, high=SEED_MAX), help="seeds every random draw")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if present")
-    add("--out", type=folder, default="runs", help="the run folder (default runs)")
+    add("--out", type=writable_folder, default="runs", help="the run folder (default runs)")
     add("--quick", action="store_true", help="a tiny model and a few steps (tests)")
     add("--resume", action="store_true", help="continue fine-tuning from its checkpoints")
     add("--lr", type=positive, help="fine-tuning learning rate (method default)")
@@ -398,8 +398,7 @@ def check_options(parser: Parser, args, vocab_size: int, cfg: TrainConfig) -> di
 
 
 def main(argv=None) -> list[dict]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = (parser := build_parser()).parse_args(argv)
     given = dict(finetune_steps=args.steps, pretrain_steps=args.pretrain_steps, seed=args.seed)
     cfg = replace(TrainConfig(**QUICK) if args.quick else TrainConfig(),
                   **{k: v for k, v in given.items() if v is not None})
@@ -407,9 +406,10 @@ def main(argv=None) -> list[dict]:
         parser.error("argument --device: CUDA is not available on this machine")
     device = torch.device("cuda" if args.device == "cuda" or
                           (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    pre_text = pretraining_text()
-    vocab = build_vocab(pre_text)
+    vocab = build_vocab(pre_text := pretraining_text())
     options = check_options(parser, args, len(vocab), cfg)
+    if in_the_way := occupied(args.out, options):
+        parser.error(f"argument --out: {in_the_way} is in the way of what train.py writes there")
     for where in [args.out] + [os.path.join(args.out, weights_name(m)) for m in METHODS]:
         for path in safetensors_io.remove_stale_temporaries(where):
             print(f"removed {path}, left by an interrupted save", file=sys.stderr)

@@ -25,13 +25,13 @@ def test_check_int_refuses_non_ints(bad):
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, True, "0.1", None])
 def test_check_number_refuses_non_finite_and_non_numbers(bad):
-    with pytest.raises(ValueError, match=r"lr must be a finite number in \[0, inf\]"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number in \[0, inf\)"):
         checks.check_number(bad, "lr", low=0)
 
 
 def test_check_number_open_and_closed_bounds():
     assert checks.check_number(0.0, "x", low=0) == 0.0
-    with pytest.raises(ValueError, match=r"x must be a finite number in \(0, inf\]"):
+    with pytest.raises(ValueError, match=r"x must be a finite number in \(0, inf\)"):
         checks.check_number(0.0, "x", low=0, low_open=True)
     assert checks.check_probability(0.0, "dropout") == 0.0
     with pytest.raises(ValueError, match=r"dropout must be a finite number in \[0.0, 1.0\)"):

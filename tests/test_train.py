@@ -462,3 +462,25 @@ def test_out_naming_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     status, err = run_main(["--quick", "--out", str(tmp_path / "a_file")], capsys)
     assert status == 2 and "--out" in one_line(err) and "a file" in err
+    # below a file, or in a folder it may not write: refused when parsed, not after pretraining
+    status, err = run_main(["--quick", "--out", str(tmp_path / "a_file" / "run")], capsys)
+    assert status == 2 and "--out" in one_line(err) and "a_file is a file" in err
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if not os.access(tmp_path / "locked", os.W_OK):  # root may write anywhere
+        status, err = run_main(["--quick", "--out", str(tmp_path / "locked" / "run")], capsys)
+        assert status == 2 and "--out" in one_line(err) and "locked is not writable" in err
+
+
+@pytest.mark.parametrize("method, entry", [("lora", "adapter-lora"), ("full", "full.safetensors")])
+def test_an_entry_in_the_way_of_the_weights_is_refused_before_training(tmp_path, capsys, method,
+                                                                       entry):
+    (tmp_path / entry).mkdir() if method == "full" else (tmp_path / entry).write_text("")
+    status, err = run_main(["--quick", "--out", str(tmp_path), "--method", method], capsys)
+    assert status == 2 and f"{entry} is in the way" in one_line(err)
+    assert sorted(os.listdir(tmp_path)) == [entry]  # nothing trained, nothing written
+
+
+def test_cuda_on_a_machine_without_it_is_a_flag_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, err = run_main(["--quick", "--out", str(tmp_path), "--device", "cuda"], capsys)
+    assert status == 2 and "--device: CUDA is not available" in one_line(err)
