@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import safetensors_io
-from checks import check_int, check_tensor
+from checks import check_features, check_int, check_tensor
 
 ALL_LINEAR = "all-linear"
 # Linears that "all-linear" leaves alone: the output head (adapting the vocabulary projection is a
@@ -101,9 +101,7 @@ class AdapterLinear(nn.Module):
         return {}
 
     def check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise ValueError(f"x must be a tensor of shape (..., in_features={self.in_features}), "
-                             f"got {'a 0-d tensor' if isinstance(x, torch.Tensor) else type(x)}")
+        check_features(x, self.in_features)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 + ΔW, dense (out, in), merged or not, rounded to `dtype` (default: W0's dtype, with

@@ -84,3 +84,14 @@ def check_tensor(t, name: str, dtypes=None, ndim: int | None = None, finite: boo
     if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return t
+
+
+def check_features(x, in_features: int, name: str = "x") -> torch.Tensor:
+    """A floating-point tensor of shape (..., in_features): what a linear layer takes."""
+    shape = f"of shape (..., in_features={in_features})"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor {shape}, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{name} must be a tensor {shape}, got shape {tuple(x.shape)}")
+    return x

@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import ALL_LINEAR, dense_weight, mark_only_adapters_trainable, replace_targets
-from checks import check_bool
+from checks import check_bool, check_features, check_tensor
 from lora import LoRALinear, add_low_rank_, check_targets_rank
 
 # Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
@@ -70,11 +70,9 @@ DORA_NORM_EPS = 1e-12
 def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
     """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
     share one floating dtype, and the scaling is a finite number."""
-    for name, t in (("weight", weight), ("A", A), ("B", B), ("magnitude", magnitude)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    for name, t in (("A", A), ("B", B), ("magnitude", magnitude)):
+        check_tensor(t, name, allow_meta=True)
+    check_tensor(weight, "weight", ndim=2, allow_meta=True)  # (out, in)
     out_features, in_features = weight.shape
     if A.dim() != 2 or A.shape[1] != in_features:
         raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
@@ -154,9 +152,7 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the rest in the adapters' dtype; y is returned in x's dtype.
     """
     check_dora_inputs(weight, A, B, magnitude, scaling)
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must be a tensor of shape (..., in_features={weight.shape[1]}), "
-                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    check_features(x, weight.shape[1])
     return _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_norm)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import adapters
 import lora
 import nf4
-from checks import check_bool, check_int, check_tensor
+from checks import check_bool, check_features, check_int, check_tensor
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16  # "BFloat16 as computation data type" (sec. 3)
@@ -108,19 +108,12 @@ def _nf4_linear(x, q, bias, compute_dtype) -> torch.Tensor:
     return _NF4LinearFunction.apply(x.to(compute_dtype), b, q, compute_dtype).to(x.dtype)
 
 
-def _check_input(x, in_features: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must end in in_features={in_features}, got shape {tuple(x.shape)}")
-
-
 def nf4_linear(x: torch.Tensor, q: nf4.NF4Weight, bias: torch.Tensor | None = None,
                compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> torch.Tensor:
     """y = x · doubleDequant(q)^T + b (eq. 5, first term): x and b cast to `compute_dtype`, y
     returned in x's dtype. Gradients reach x (and b, if it requires them); q never gets one."""
     check_compute_dtype(compute_dtype)
-    _check_input(x, q.shape[1])
+    check_features(x, q.shape[1])
     return _nf4_linear(x, q, bias, compute_dtype)
 
 
@@ -202,7 +195,7 @@ class NF4Linear(nn.Module):
         return double_dequant(self.quantized_weight, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_features)  # x enters here: no other place can name it
+        check_features(x, self.in_features)  # x enters here: no other place can name it
         return _nf4_linear(x, self.quantized_weight, self.bias, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):

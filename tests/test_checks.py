@@ -68,3 +68,15 @@ def test_check_int_with_both_bounds_names_the_interval():
         checks.check_int(6, "top_k", low=1, high=5)
     with pytest.raises(ValueError, match=r"^n must be an int <= 5, got 6$"):
         checks.check_int(6, "n", high=5)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.tensor(1.0), ValueError, r"x must be a tensor of shape \(\.\.\., in_features=4\), got "
+                                    r"shape \(\)"),
+    (torch.ones(2, 3), ValueError, r"in_features=4\), got shape \(2, 3\)"),
+    (torch.ones(2, 4, dtype=torch.long), TypeError, "floating-point tensor .* got torch.int64"),
+    ([1.0] * 4, TypeError, "floating-point tensor .* got list")])
+def test_check_features_names_the_shape_a_linear_layer_takes(x, error, message):
+    with pytest.raises(error, match=message):
+        checks.check_features(x, 4)
+    assert checks.check_features(torch.ones(3, 2, 4), 4).shape == (3, 2, 4)
