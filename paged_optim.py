@@ -40,7 +40,6 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_de
 # ---------------------------------------------- speed: many tensors a call, in cache-sized batches
 BATCH_ELEMENTS = 1 << 18  # a batch's tensors (5 x 1 MiB in float32) stay in cache between lines
 
-
 def adamw_step_foreach(pieces, lr, betas, eps, weight_decay):
     """adamw_step on (param, grad, exp_avg, exp_avg_sq, step) pieces, a _foreach_ call a line per
     batch: on CPU, the single-tensor kernel on each tensor (same bits, fewer Python calls). Else
@@ -169,7 +168,7 @@ class SideStreamPrefetch:
 # ------------------------------------------------------------------------------- the optimizer
 def _check_hyperparameters(group, prefix=""):
     for key in ("lr", "eps", "weight_decay"):
-        check_number(group[key], prefix + key, low=0)
+        check_number(group[key], prefix + key, low=0, high=1e30)  # x / (1 - beta1) fits float32
     if not isinstance(group["betas"], (tuple, list)) or len(group["betas"]) != 2:
         raise ValueError(f"{prefix}betas must be a pair (beta1, beta2), got {group['betas']!r}")
     for i, beta in enumerate(group["betas"]):
@@ -178,7 +177,6 @@ def _check_hyperparameters(group, prefix=""):
     if flags != [False, False, True]:
         raise ValueError(f"{prefix}(amsgrad, maximize, decoupled_weight_decay) must be [False, "
                          f"False, True] (the others are not supported), got {flags}")
-
 
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with exp_avg and exp_avg_sq in pages: at most `device_budget_bytes` of them on the
@@ -266,6 +264,8 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [(group, param) for group in self.param_groups for param in group["params"]]
         if any(param.grad is not None and param.grad.is_sparse for _, param in params):
             raise RuntimeError("PagedAdamW does not support sparse gradients")
+        for group in self.param_groups:  # again: a group's values may have been edited since
+            _check_hyperparameters(group, "param_groups: ")
         todo = [(group, param, self._state_of(param, i)) for i, (group, param)
                 in enumerate(params) if param.grad is not None]  # as AdamW
         self.steps_taken += 1  # even steps backwards (see the class doc)

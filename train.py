@@ -124,10 +124,9 @@ def prepare(method: str, base: GPT, opts: dict, seed: int) -> torch.nn.Module:
         return vera.apply_vera(base, opts["targets"], r=opts["rank"], seed=seed,
                                dropout=opts["dropout"])
     if method == "qlora":
-        quantization = opts.get("quantization", QUANTIZATION)
-        qlora.quantize_model(base, opts["targets"], quantization["blocksize"],
-                             quantization["double_quant"],
-                             getattr(torch, quantization["compute_dtype"]))
+        quant = opts.get("quantization", QUANTIZATION)
+        qlora.quantize_model(base, opts["targets"], quant["blocksize"], quant["double_quant"],
+                             getattr(torch, quant["compute_dtype"]))
         return lora.apply_lora(base, opts["targets"], **low_rank)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -164,7 +163,7 @@ def training_memory(model: torch.nn.Module, optimizer) -> dict:
 # ------------------------------------------------------------------------------------------- loop
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: the run stops before the optimizer applies it."""
+    """A non-finite loss or gradient: the run stops, and its weights are not saved."""
 
 
 def check_finite(model, loss: torch.Tensor, label: str, step: int, lr: float) -> None:
@@ -280,8 +279,7 @@ def print_report(rows: list[dict], note: str, models: list, vocab: str, out: str
               f"({row['nf4']['bits_per_parameter']:.3f} bits a weight), "
               f"{100 * nf4_bytes / dense:.1f}% of their {dense:,} bytes in float32")
     for row in (row for row in rows if "paging" in row):
-        print(f"{row['method']} paging: "
-              + ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
+        print(f"{row['method']} paging:", ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
     print_samples(dict(zip(["base"] + [row["method"] for row in rows], models)), vocab, out)
 
 
@@ -322,12 +320,14 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
     ms = train_loop(model, optimizer, corpus.train, cfg, cfg.finetune_steps, opts["lr"], 0,
                     os.path.join(out, f"finetune-{method}.pt"), identity, resume, device, method,
                     callback)
+    check_finite(model, torch.tensor(val_after := estimate_loss(model, windows, device)),
+                 f"{method} validation", cfg.finetune_steps, opts["lr"])  # the last update's
     trainable = adapters.count_trainable(model)
     row = dict(method=method, trainable=trainable,
                trainable_fraction=trainable / base.num_parameters(),
                adapter_bytes=save_weights(method, model, os.path.join(out, weights_name(method))),
                memory=training_memory(model, optimizer), ms_per_step=ms, val_before=val_before,
-               val_after=estimate_loss(model, windows, device))
+               val_after=val_after)
     if method == "qlora":
         report = qlora.qlora_memory_report(model, optimizer)
         row["nf4"] = dict(bytes=report["nf4_weights"] + report["nf4_statistics"],
@@ -340,7 +340,8 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
 
 def build_parser() -> Parser:
     p = Parser(prog="train.py", description=__doc__.split("\n")[0])
-    positive, count = checked(check_number, float, low=0, low_open=True), checked(check_int, low=1)
+    positive = checked(check_number, float, low=0, low_open=True, high=1e30)  # as PagedAdamW
+    count = checked(check_int, low=1)
     add = p.add_argument
     add("--method", default="all", help=f"'all' or some of {','.join(METHODS)}")
     add("--steps", type=count, help="fine-tuning steps per method")
@@ -404,8 +405,7 @@ def main(argv=None) -> list[dict]:
                   **{k: v for k, v in given.items() if v is not None})
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available on this machine")
-    device = torch.device("cuda" if args.device == "cuda" or
-                          (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     vocab = build_vocab(pre_text := pretraining_text())
     options = check_options(parser, args, len(vocab), cfg)
     if in_the_way := occupied(args.out, options):

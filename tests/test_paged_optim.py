@@ -510,10 +510,27 @@ def test_param_groups_refuse_non_finite_hyperparameters(key, bad):
     assert len(opt.param_groups) == 1
 
 
-def test_a_huge_finite_learning_rate_is_accepted():
-    """lr=1e30 is finite: stopping on the non-finite loss it leads to is the training loop's job."""
+def test_a_huge_finite_learning_rate_is_accepted_up_to_1e30():
+    """lr=1e30 is finite: stopping on the non-finite loss it leads to is the training loop's job.
+    Beyond 1e30, lr / (1 - beta1) and the like leave float32's range: refused, not a crash."""
     param = torch.nn.Parameter(torch.ones(3))
     PagedAdamW([param], lr=1e30)
+    for key in ("lr", "eps", "weight_decay"):
+        with pytest.raises(ValueError, match=rf"{key} must be a finite number in \[0, 1e\+30\]"):
+            PagedAdamW([param], **{key: 1e300})
+
+
+@pytest.mark.parametrize("key, bad", [("lr", math.inf), ("weight_decay", math.nan),
+                                      ("eps", -1.0), ("lr", 1e300), ("betas", (0.9, 1.0))])
+def test_a_group_edited_after_construction_is_checked_at_the_next_step(key, bad):
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    opt = PagedAdamW([param])
+    opt.param_groups[0][key] = bad
+    with pytest.raises(ValueError, match=rf"param_groups: {key}"):
+        opt.step()
+    assert_same(param.detach(), torch.ones(3), "the parameter after the refused step")
+    assert not opt.state[param]  # nothing counted, nothing allocated
 
 
 def test_unsupported_options_and_parameters_raise():

@@ -254,6 +254,14 @@ def test_lr_1e30_exits_1_at_the_first_non_finite_step_and_saves_nothing(tmp_path
     line = error_line(err)
     assert status == 1 and "is not finite at step" in line and "learning rate" in line
     assert not os.path.exists(os.path.join(folder, sample.weights_name(method)))
+    # one step: only its update goes non-finite; caught before the checkpoint and the weights
+    shutil.rmtree(folder)
+    folder = copy_of_quick_run(tmp_path, only_base=True)  # the same path, empty but the base
+    status, err = run_main(["--quick", "--out", folder, "--method", method, "--lr", "1e30",
+                            "--steps", "1"], capsys)
+    line = error_line(err)
+    assert status == 1 and f"{method} validation: the loss is not finite at step 1" in line
+    assert not os.path.exists(os.path.join(folder, sample.weights_name(method)))
 
 
 @pytest.mark.parametrize("optimizer,budget", [("adamw", None), ("paged_adamw", 0)])
