@@ -11,6 +11,7 @@ it. The file format itself (keys, config fields, metadata) is in adapter_files.p
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from typing import Callable, Iterable
 
@@ -66,8 +67,10 @@ class AdapterLinear(nn.Module):
     Merging happens only through an explicit call, never in `train()`/`eval()`, and is idempotent.
     The merged state is module state: buffer `adapter_merged` travels in `state_dict()`, so a merged
     model's state loads into a fresh adapted model as merged (a state dict without it, from before
-    the buffer existed, loads as unmerged). `merge()` keeps a copy of the adapter tensors it merged,
-    and `unmerge()` refuses to subtract anything else: editing them while merged is an error.
+    the buffer existed, loads as unmerged). `merge()` keeps a copy of what ΔW was computed from
+    (delta_inputs) and `unmerge()` refuses to subtract anything else: editing them while merged is
+    an error. Their SHA-256 travels as `adapter_merged_digest`: a merged state dict whose adapter
+    tensors are not those merged into its weight (edited while merged, then saved) is refused.
     """
     adapter_parameter_names: tuple[str, ...] = ()
 
@@ -87,10 +90,22 @@ class AdapterLinear(nn.Module):
         self.out_features = base.out_features
         self.merged = False  # mirrors the buffer, so a forward never reads a (device) tensor
         self.register_buffer("adapter_merged", torch.tensor(False, device=W.device))
+        self.register_buffer("adapter_merged_digest", W.new_zeros(32, dtype=torch.uint8))
         self._merged_values: dict[str, torch.Tensor] | None = None
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def delta_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors delta_weight() is computed from (VeRA adds its shared pair)."""
+        return {name: getattr(self, name) for name in self.adapter_parameter_names}
+
+    def _delta_digest(self) -> torch.Tensor:
+        digest = hashlib.sha256()
+        for name, tensor in self.delta_inputs().items():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(name.encode() + flat.view(torch.uint8).numpy().tobytes())
+        return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
     def adapter_config(self) -> dict:
         """The PEFT config fields (adapter_files.py) that describe this layer."""
@@ -126,8 +141,9 @@ class AdapterLinear(nn.Module):
     def _set_merged(self, merged: bool) -> None:
         self.merged = merged
         self.adapter_merged.fill_(merged)
-        self._merged_values = {name: getattr(self, name).detach().clone()
-                               for name in self.adapter_parameter_names} if merged else None
+        self._merged_values = {name: tensor.detach().clone() for name, tensor
+                               in self.delta_inputs().items()} if merged else None
+        self.adapter_merged_digest.copy_(self._delta_digest() if merged else 0)
 
     def _check_unchanged_since_merge(self) -> None:
         for name, merged_value in (self._merged_values or {}).items():
@@ -158,13 +174,19 @@ class AdapterLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        flag = prefix + "adapter_merged"
+        flag, digest = prefix + "adapter_merged", prefix + "adapter_merged_digest"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if flag not in state_dict:  # saved before the flag existed, when merging was not state
-            if flag in missing_keys:
-                missing_keys.remove(flag)
+        for key in (flag, digest):  # saved before the buffers existed (merging was not state)
+            if key not in state_dict and key in missing_keys:
+                missing_keys.remove(key)
+        if flag not in state_dict:
             self.adapter_merged.fill_(False)
+        if digest in state_dict and bool(self.adapter_merged) and not torch.equal(
+                self.adapter_merged_digest.cpu(), self._delta_digest()):
+            error_msgs.append(f"{prefix[:-1] or 'the layer'}: its adapter tensors are not those "
+                              "merged into its weight (edited while merged?): unmerging would "
+                              "leave W0 wrong; save the state unmerged")
         self._set_merged(bool(self.adapter_merged))
 
     @torch.no_grad()

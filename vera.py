@@ -235,6 +235,9 @@ class VeRALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return vera_delta(self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)  # (out, in)
 
+    def delta_inputs(self) -> dict[str, torch.Tensor]:
+        return {**super().delta_inputs(), "vera_A": self.vera_A, "vera_B": self.vera_B}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         tokens = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise

@@ -158,6 +158,38 @@ def test_a_merged_state_dict_loads_into_a_fresh_model_as_merged():
     assert_same(fresh(idx)[0], unmerged(idx)[0], "logits loaded without merged flags")
 
 
+@pytest.mark.parametrize("method, name", [("lora", "lora_B"), ("dora", "magnitude"),
+                                          ("vera", "lambda_b")])
+def test_a_state_dict_saved_merged_after_an_edit_is_refused(method, name):
+    """Edited while merged, then saved: W holds W0 + ΔW(old) beside the new tensors. The digest of
+    what was merged travels in the state dict, and loading it compares: refused, not W0 wrong."""
+    model = trained(method)
+    layer = model.blocks[1].mlp.up_proj
+    layer.merge()
+    fine = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        getattr(layer, name).add_(1.0)
+    edited = model.state_dict()
+    for target in (BUILDERS[method](make_gpt()), model):
+        with pytest.raises(RuntimeError, match=r"blocks.1.mlp.up_proj: its adapter tensors are "
+                                               r"not those merged into its weight"):
+            target.load_state_dict(edited)
+    fresh = BUILDERS[method](make_gpt())
+    fresh.load_state_dict(fine)  # saved right after the merge: loads, merged, and unmerges
+    fresh.blocks[1].mlp.up_proj.unmerge()
+
+
+def test_editing_veras_shared_pair_while_merged_makes_unmerge_refuse():
+    model = trained("vera")
+    layer = model.blocks[0].attn.q_proj
+    layer.merge()
+    with torch.no_grad():
+        layer.vera_projection.vera_A.mul_(2.0)  # shared by every layer: ΔW is not what was added
+    with pytest.raises(ValueError, match="vera_A changed while the adapter was merged"):
+        layer.unmerge()
+    assert layer.merged
+
+
 @pytest.mark.parametrize("method, name", [("lora", "lora_B"), ("vera", "lambda_b")])
 def test_editing_an_adapter_while_merged_makes_unmerge_refuse(method, name):
     model = trained(method)
