@@ -2,8 +2,9 @@
 
 `python oracle.py golden DIR` writes one safetensors file per case of oracle_cases.GOLDEN (with the
 project's own writer, safetensors_io.py: a checksum of the contents in its metadata) and
-DIR/manifest.json, {"cases": [{"file", "function", "args", "inputs", "outputs", "atol", "case"}]}:
-the tensors named in "inputs" and "outputs" are in the file, "args" are the function's other
+DIR/manifest.json, {"cases": [{"file", "function", "args", "inputs", "outputs", "atol", "case"}],
+"cases_sha256": the SHA-256 of the cases as JSON with sorted keys, which verify checks}: the
+tensors named in "inputs" and "outputs" are in the file, "args" are the function's other
 arguments, "atol" the tolerance of each float64 output (absent: bit for bit), "case" what
 oracle_cases.case_inputs rebuilds the inputs from. `python oracle.py verify DIR` recomputes every
 case with the reference and prints a line per case that differs (exit status 1 if any). Usage
@@ -76,7 +77,7 @@ def write_golden(directory: str) -> int:
                                      {"function": FUNCTIONS[contract], "args": json.dumps(args)})
             manifest.append({"file": name, "function": FUNCTIONS[contract], "args": args,
                              "inputs": inputs, "outputs": outputs, "atol": atol, "case": case})
-    text = json.dumps({"cases": manifest}, indent=1) + "\n"
+    text = json.dumps({"cases": manifest, "cases_sha256": _digest(manifest)}, indent=1) + "\n"
     safetensors_io.atomic_write(os.path.join(directory, "manifest.json"),
                                 lambda file: file.write(text.encode()))
     return len(manifest)
@@ -106,11 +107,21 @@ def verify_case(directory: str, entry: dict) -> list:
     return problems
 
 
+def _digest(cases: list) -> str:
+    """SHA-256 of the cases as canonical JSON: an edit of manifest.json shows."""
+    return safetensors_io.sha256_hex(json.dumps(cases, sort_keys=True).encode())
+
+
 def verify_golden(directory: str) -> list:
     """Recompute every case of directory/manifest.json: a line per case that differs."""
-    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
-        manifest = json.load(file)["cases"]
-    failures = []
+    try:
+        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
+            saved = json.load(file)
+        manifest = saved["cases"]
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        return [f"manifest.json: unreadable ({type(error).__name__}); run golden again"]
+    failures = [] if saved.get("cases_sha256") == _digest(manifest) else [
+        "manifest.json: cases_sha256 differs (edited or damaged); run golden again"]
     for entry in manifest:
         try:
             problems = verify_case(directory, entry)

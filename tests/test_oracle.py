@@ -393,6 +393,27 @@ def test_a_changed_byte_makes_verify_fail_naming_the_case(golden, tmp_path, caps
     assert out[-1] == "2 case(s) differ"
 
 
+def test_an_edited_or_damaged_manifest_makes_verify_fail(golden, tmp_path, capsys):
+    directory = str(tmp_path / "golden")
+    shutil.copytree(golden[0], directory)
+    path = os.path.join(directory, "manifest.json")
+    with open(path, encoding="utf-8") as file:
+        manifest = json.load(file)
+    entry = next(e for e in manifest["cases"] if e.get("atol"))
+    name = next(iter(entry["atol"]))
+    entry["atol"][name] *= 2  # a looser tolerance: every file still matches the reference
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(manifest, file)
+    assert oracle_golden.main(["verify", directory]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "DIFFERS manifest.json: cases_sha256 differs (edited or damaged); run golden " \
+        "again" and out[-1] == "1 case(s) differ"
+    with open(path, "w", encoding="utf-8") as file:
+        file.write('{"cases": [')  # cut short
+    assert oracle_golden.main(["verify", directory]) == 1
+    assert "manifest.json: unreadable (JSONDecodeError)" in capsys.readouterr().out
+
+
 def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("x")
