@@ -406,8 +406,8 @@ def test_an_edited_or_damaged_manifest_makes_verify_fail(golden, tmp_path, capsy
         json.dump(manifest, file)
     assert oracle_golden.main(["verify", directory]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "DIFFERS manifest.json: cases_sha256 differs (edited or damaged); run golden " \
-        "again" and out[-1] == "1 case(s) differ"
+    assert out[0] == ("DIFFERS manifest.json: cases_sha256 differs (edited or damaged); run "
+                      "golden again") and out[-1] == "1 case(s) differ"
     with open(path, "w", encoding="utf-8") as file:
         file.write('{"cases": [')  # cut short
     assert oracle_golden.main(["verify", directory]) == 1
