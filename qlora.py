@@ -264,8 +264,8 @@ def quantize_model(model: nn.Module, targets=adapters.ALL_LINEAR,
     return model
 
 
-def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  lr: float = 3e-3, *, targets=adapters.ALL_LINEAR,
+def prepare_qlora(model: nn.Module, targets=adapters.ALL_LINEAR, r: int = 8, alpha: float = 16.0,
+                  dropout: float = 0.0, lr: float = 3e-3, *,
                   blocksize: int = nf4.DEFAULT_BLOCKSIZE, double_quant: bool = True,
                   compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE, betas=(0.9, 0.999),
                   eps: float = 1e-8, weight_decay: float = 0.0,
