@@ -36,9 +36,8 @@ import qlora
 import safetensors_io
 import train
 import vera
-from checks import check_choice, check_int
+from checks import Parser, check_choice, check_int, checked
 from paged_optim import PagedAdamW
-from sample import Parser, checked
 
 GROUPS = ("nf4", "train", "infer", "paged", "memory", "sweep")
 METHODS = ("full", "lora", "qlora", "vera", "dora")

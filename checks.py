@@ -2,12 +2,15 @@
 
 Each checker raises a ValueError or TypeError whose message names the argument, says what it
 accepts and shows what it got, and returns the value so a constructor can write
-`self.r = check_int(r, "r", low=1)`. Checks run where a value enters the library (constructors and
-public functions), never on every forward.
+`self.r = check_int(r, "r", low=1)`. Checks run where a value enters the library (constructors,
+public functions, a layer's input), not on every use of it. The last section turns them into the
+argparse types of train.py, bench.py and sample.py: a bad flag is one line naming it, status 2.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 
 import torch
 
@@ -95,3 +98,50 @@ def check_features(x, in_features: int, name: str = "x") -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{name} must be a tensor {shape}, got shape {tuple(x.shape)}")
     return x
+
+
+# --------------------------------------------------------------------------- command-line flags
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line ("train.py: argument --rank: must be ..."), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def checked(check, convert=int, **bounds):
+    """An argparse `type`: convert the text, then check the value with a checker of checks.py."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text  # not a number at all: the checker says what the flag accepts
+        try:
+            return check(value, "value", **bounds)
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("value ")) from None
+    return parse
+
+
+def folder(text: str) -> str:
+    if not text or os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}"
+                                         + (", which is a file" if text else ""))
+    return text
+
+
+def writable_folder(text: str) -> str:
+    """A folder to write into: it exists, or its nearest existing ancestor is a writable folder."""
+    ancestor = os.path.abspath(folder(text))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
+        why = "not writable" if os.path.isdir(ancestor) else "a file"
+        raise argparse.ArgumentTypeError(f"cannot make or write {text!r}: {ancestor} is {why}")
+    return text
+
+
+def text_flag(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be at least one character")
+    return text

@@ -5,7 +5,7 @@
     python train.py --quick            # a tiny model and a few steps (used by the tests)
 
 The texts (they ship with Python: nothing is downloaded), their tokens, and the run folder `--out`
-that this file fills are sample.py's, which also draws text from a finished run. This file reads
+that this file fills are runs.py's; sample.py draws text from a finished run. This file reads
 top to bottom: config, batches, methods, optimizer, loop, report, main.
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ import nf4
 import qlora
 import safetensors_io
 import vera
-from checks import check_int, check_number, check_probability
+from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
 from paged_optim import PagedAdamW
-from sample import (CorruptFile, Corpus, OtherRun, Parser, build_vocab, checked, finetuning_text,
-                    make_corpus, occupied, pretraining_text, print_samples, read_checkpoint, record,
-                    save_checkpoint, save_weights, set_aside, weights_fingerprint, weights_name,
-                    writable_folder)
+from runs import (CorruptFile, Corpus, OtherRun, build_vocab, finetuning_text, make_corpus,
+                  occupied, pretraining_text, read_checkpoint, record, save_checkpoint,
+                  save_weights, set_aside, weights_fingerprint, weights_name)
+from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
 
 # ------------------------------------------------------------------------------------------- config

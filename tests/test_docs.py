@@ -21,8 +21,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("adapters", "adapter_files", "safetensors_io", "checks", "oracle", "oracle_cases",
-           "oracle_golden", "sample", "train", "bench", "tiny_gpt", "lora", "dora", "vera", "nf4",
-           "qlora", "paged_optim")
+           "oracle_golden", "runs", "sample", "train", "bench", "tiny_gpt", "lora", "dora", "vera",
+           "nf4", "qlora", "paged_optim")
 # `lora.py`, `docs/nf4.md`: file names, not attributes.
 FILE_SUFFIXES = {"py", "md", "txt", "json", "safetensors", "pt", "png", "sh", "ini"}
 README_MAX_BYTES = 16_000

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import runs
 import sample
 import train
 from assertions import assert_same
@@ -59,15 +60,15 @@ def test_sampling_runs_torch_on_one_thread(capsys, monkeypatch):
 
 def test_the_loaded_model_is_the_trained_one_bit_for_bit():
     folder, _, _ = quick_run()
-    model, vocab = sample.load_model(folder, "dora")
+    model, vocab = runs.load_model(folder, "dora")
     assert not model.training and len(vocab) == model.config.vocab_size
     for name, tensor in model.state_dict().items():
         assert torch.isfinite(tensor).all() if tensor.is_floating_point() else True, name
-    saved = sample.read_checkpoint(os.path.join(folder, "finetune-dora.pt"))["model"]
+    saved = runs.read_checkpoint(os.path.join(folder, "finetune-dora.pt"))["model"]
     state = model.state_dict()
     assert set(saved) == set(state)
     for key in saved:
-        assert_same(state[key], saved[key], f"{key} loaded by sample.load_model vs the checkpoint")
+        assert_same(state[key], saved[key], f"{key} loaded by runs.load_model vs the checkpoint")
 
 
 def test_a_missing_run_or_method_says_which_command_makes_it(tmp_path, capsys):
@@ -75,8 +76,8 @@ def test_a_missing_run_or_method_says_which_command_makes_it(tmp_path, capsys):
     assert status == 2 and f"`python train.py --out {tmp_path / 'nothing'} --method lora`" in \
         one_line(err)
     folder = copy_of_quick_run(tmp_path, only_base=True)
-    run = sample.read_json(os.path.join(quick_run()[0], "run.json"))
-    sample.record(folder, "base", run["base"])
+    run = runs.read_json(os.path.join(quick_run()[0], "run.json"))
+    runs.record(folder, "base", run["base"])
     status, _, err = run_sample(["--out", folder, "--method", "vera"], capsys)
     assert status == 2 and "holds no vera run" in one_line(err)
     assert f"python train.py --out {folder} --method vera" in err

@@ -18,7 +18,7 @@ import torch
 import adapters
 import lora
 import safetensors_io
-import sample
+import runs
 import train
 from assertions import assert_same
 
@@ -91,10 +91,10 @@ def error_line(text: str) -> str:
 
 def test_vocab_has_unk_first_and_unknown_characters_map_to_it():
     vocab = train.build_vocab("banana")
-    assert vocab == sample.UNK + "abn"
-    ids, unknown = sample.encode("nab\u03c3a!", vocab)
+    assert vocab == runs.UNK + "abn"
+    ids, unknown = runs.encode("nab\u03c3a!", vocab)
     assert ids.tolist() == [3, 1, 2, 0, 1, 0] and unknown == 2
-    assert sample.decode(ids.tolist(), vocab) == "nab\ufffda\ufffd"  # UNK shows as a mark
+    assert runs.decode(ids.tolist(), vocab) == "nab\ufffda\ufffd"  # UNK shows as a mark
 
 
 def test_corpora_are_deterministic_and_split_by_position():
@@ -103,9 +103,9 @@ def test_corpora_are_deterministic_and_split_by_position():
     a, b = train.make_corpus(text, vocab), train.make_corpus(text, vocab)
     assert a.fingerprint == b.fingerprint and a.unknown == 0
     assert len(a.train) + len(a.val) == len(text)
-    assert abs(len(a.val) / len(text) - sample.VAL_FRACTION) < 1e-3
+    assert abs(len(a.val) / len(text) - runs.VAL_FRACTION) < 1e-3
     fine = train.make_corpus(train.finetuning_text(), vocab)
-    decoded = sample.decode(fine.train[:20000].tolist(), vocab)
+    decoded = runs.decode(fine.train[:20000].tolist(), vocab)
     assert decoded.startswith("# ---- textwrap.py") and "def " in decoded
 
 
@@ -146,8 +146,8 @@ def test_train_and_sample_stay_within_the_reading_limits():
 
 def test_checkpoint_round_trip_and_every_damage_is_a_one_line_error(tmp_path):
     path = str(tmp_path / "c.pt")
-    sample.save_checkpoint({"weights": torch.arange(1000.0), "step": 3}, path)
-    ckpt = sample.read_checkpoint(path)
+    runs.save_checkpoint({"weights": torch.arange(1000.0), "step": 3}, path)
+    ckpt = runs.read_checkpoint(path)
     assert ckpt["step"] == 3
     assert_same(ckpt["weights"], torch.arange(1000.0), "weights read back from the checkpoint")
     good = open(path, "rb").read()
@@ -160,21 +160,21 @@ def test_checkpoint_round_trip_and_every_damage_is_a_one_line_error(tmp_path):
     for what, damage in damages.items():
         with open(path, "wb") as f:
             f.write(damage(good))
-        with pytest.raises(sample.CorruptFile, match="c.pt") as error:
-            sample.read_checkpoint(path)
+        with pytest.raises(runs.CorruptFile, match="c.pt") as error:
+            runs.read_checkpoint(path)
         assert "\n" not in str(error.value), what
     assert "empty" in str(error.value)
 
 
 def test_json_files_carry_a_checksum_and_a_change_is_detected(tmp_path):
     path = str(tmp_path / "run.json")
-    sample.write_json(path, {"lora": {"rank": 8}})
-    assert sample.read_json(path) == {"lora": {"rank": 8}}
+    runs.write_json(path, {"lora": {"rank": 8}})
+    assert runs.read_json(path) == {"lora": {"rank": 8}}
     text = open(path).read()
     with open(path, "w") as f:
         f.write(text.replace('"rank": 8', '"rank": 9'))
-    with pytest.raises(sample.CorruptFile, match="run.json does not match"):
-        sample.read_json(path)
+    with pytest.raises(runs.CorruptFile, match="run.json does not match"):
+        runs.read_json(path)
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -211,7 +211,7 @@ def test_resumed_run_reaches_the_same_weights_bit_for_bit(tmp_path, method, drop
     torch.manual_seed(12345)  # whatever the process drew since: the checkpoint restores its own
     with pytest.raises(Crash):  # checkpoints at 5 and 10: the crash at 8 loses 3 steps
         fine_tune_steps(tmp_path / "b", method, dropout, crash_at=8)
-    assert sample.read_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 5
+    assert runs.read_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 5
     resumed = fine_tune_steps(tmp_path / "b", method, dropout, resume=True)
     resumed_state = resumed.state_dict()
     for name, tensor in straight.state_dict().items():
@@ -253,7 +253,7 @@ def test_lr_1e30_exits_1_at_the_first_non_finite_step_and_saves_nothing(tmp_path
     status, err = run_main(["--quick", "--out", folder, "--method", method, "--lr", "1e30"], capsys)
     line = error_line(err)
     assert status == 1 and "is not finite at step" in line and "learning rate" in line
-    assert not os.path.exists(os.path.join(folder, sample.weights_name(method)))
+    assert not os.path.exists(os.path.join(folder, runs.weights_name(method)))
     # one step: only its update goes non-finite; caught before the checkpoint and the weights
     shutil.rmtree(folder)
     folder = copy_of_quick_run(tmp_path, only_base=True)  # the same path, empty but the base
@@ -261,7 +261,7 @@ def test_lr_1e30_exits_1_at_the_first_non_finite_step_and_saves_nothing(tmp_path
                             "--steps", "1"], capsys)
     line = error_line(err)
     assert status == 1 and f"{method} validation: the loss is not finite at step 1" in line
-    assert not os.path.exists(os.path.join(folder, sample.weights_name(method)))
+    assert not os.path.exists(os.path.join(folder, runs.weights_name(method)))
 
 
 @pytest.mark.parametrize("optimizer,budget", [("adamw", None), ("paged_adamw", 0)])
@@ -286,22 +286,22 @@ def test_quick_run_writes_each_method_in_peft_format_and_a_run_file():
     assert [r["method"] for r in rows] == list(train.METHODS)
     for method in train.METHODS:
         assert method in printed
-        path = os.path.join(folder, sample.weights_name(method))
+        path = os.path.join(folder, runs.weights_name(method))
         if method != "full":
             assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
             with open(os.path.join(path, "adapter_config.json")) as f:
                 assert json.load(f)["peft_type"] == ("VERA" if method == "vera" else "LORA")
-        assert rows[train.METHODS.index(method)]["adapter_bytes"] == sample.path_bytes(path)
+        assert rows[train.METHODS.index(method)]["adapter_bytes"] == runs.path_bytes(path)
     state, _ = safetensors_io.load_file(os.path.join(folder, "full.safetensors"))
-    trained = sample.read_checkpoint(os.path.join(folder, "finetune-full.pt"))["model"]
+    trained = runs.read_checkpoint(os.path.join(folder, "finetune-full.pt"))["model"]
     assert state.keys() == trained.keys()
     for k in state:
         assert_same(state[k], trained[k], f"{k} in full.safetensors vs the checkpoint")
-    run = sample.read_json(os.path.join(folder, "run.json"))
+    run = runs.read_json(os.path.join(folder, "run.json"))
     assert set(run) == {"base", *train.METHODS}
     assert run["lora"]["options"]["rank"] == 8 and run["qlora"]["options"]["quantization"] == \
         train.QUANTIZATION
-    assert sample.read_json(os.path.join(folder, "results.json")) == json.loads(json.dumps(rows))
+    assert runs.read_json(os.path.join(folder, "results.json")) == json.loads(json.dumps(rows))
     by = {r["method"]: r for r in rows}
     C, L = QUICK.n_embd, QUICK.n_layer
     per_block = 4 * (C + C) + (C + 4 * C) + (4 * C + C)  # q,k,v,o + up + down: sum of in + out
@@ -315,13 +315,13 @@ def test_quick_run_writes_each_method_in_peft_format_and_a_run_file():
 
 def test_a_rerun_replaces_its_own_row_and_keeps_the_others(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path)
-    before = sample.read_json(os.path.join(folder, "results.json"))
+    before = runs.read_json(os.path.join(folder, "results.json"))
     status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "3"], capsys)
     assert status == 0 and "reusing the pretrained base model" in err
-    after = sample.read_json(os.path.join(folder, "results.json"))
+    after = runs.read_json(os.path.join(folder, "results.json"))
     assert [r["method"] for r in after] == list(train.METHODS)
     assert after[1:] == before[1:] and after[0] != before[0]  # full's row is the new one
-    assert set(sample.read_json(os.path.join(folder, "run.json"))) == {"base", *train.METHODS}
+    assert set(runs.read_json(os.path.join(folder, "run.json"))) == {"base", *train.METHODS}
 
 
 def test_corrupt_run_and_results_files_are_set_aside_and_started_afresh(tmp_path, capsys):
@@ -332,8 +332,8 @@ def test_corrupt_run_and_results_files_are_set_aside_and_started_afresh(tmp_path
     assert status == 0 and err.count("set aside") == 2
     assert all(os.path.exists(os.path.join(folder, name + ".corrupt"))
                for name in ("run.json", "results.json"))
-    assert set(sample.read_json(os.path.join(folder, "run.json"))) == {"base", "full"}
-    assert [r["method"] for r in sample.read_json(os.path.join(folder, "results.json"))] == ["full"]
+    assert set(runs.read_json(os.path.join(folder, "run.json"))) == {"base", "full"}
+    assert [r["method"] for r in runs.read_json(os.path.join(folder, "results.json"))] == ["full"]
 
 
 def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
@@ -351,12 +351,12 @@ def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
 def test_a_corrupt_pretraining_cache_is_set_aside_and_built_again(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path, only_base=True)
     [name] = os.listdir(folder)
-    original = sample.read_checkpoint(os.path.join(folder, name))["model"]
+    original = runs.read_checkpoint(os.path.join(folder, name))["model"]
     flip_byte(os.path.join(folder, name))
     status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
     assert status == 0 and f"{name} does not match its SHA-256" in err and "set aside" in err
     assert os.path.exists(os.path.join(folder, name + ".corrupt"))
-    rebuilt = sample.read_checkpoint(os.path.join(folder, name))["model"]
+    rebuilt = runs.read_checkpoint(os.path.join(folder, name))["model"]
     for key in original:  # same seed, same bits
         assert_same(rebuilt[key], original[key], f"{key} rebuilt vs the original cache")
 

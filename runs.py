@@ -1,0 +1,284 @@
+"""What a run is made of: the texts and their tokens, and the run folder that train.py fills (its
+files and their checksums), from which sample.py loads a finished run.
+
+The texts ship with Python itself, so nothing is downloaded: pretraining reads the standard
+library's documentation topics (`pydoc_data.topics`, the text behind `help("if")`), English prose
+about Python; fine-tuning reads the source of a fixed list of pure-Python standard-library modules
+(FINETUNE_MODULES), code. Each is split by position: the first 90% trains, the rest validates.
+Tokens are characters: the sorted characters of the pretraining text after UNK (id 0), to which a
+fine-tuning character that pretraining never saw maps, since a method that freezes the embedding
+could never learn a new row.
+
+A run folder (train.py --out) holds:
+    base-<key>.pt          the pretrained base: a checkpoint keyed by config and data (a cache)
+    finetune-<method>.pt   each method's latest checkpoint, which `train.py --resume` continues
+    adapter-<method>/      lora, qlora, dora, vera in PEFT's format: adapter_config.json and
+                           adapter_model.safetensors (peft.PeftModel.from_pretrained reads it)
+    full.safetensors       the fully fine-tuned model's state dict
+    run.json               per method, and for "base": its weights, options and seed, and the base
+                           it was trained on (checkpoint, fingerprint, vocabulary, model config)
+    results.json           the table's rows, one per method run into this folder
+Every file carries a SHA-256 of its contents that loading verifies: a checkpoint is a line holding
+the SHA-256 of the torch.save bytes after it; a JSON file is {"sha256": ..., "payload": ...}; a
+safetensors file carries its own in its metadata (safetensors_io). A file that fails is named in a
+one-line error; train.py sets a corrupt cache aside (renamed *.corrupt) and builds it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import adapters
+import qlora
+import safetensors_io
+from tiny_gpt import GPT, GPTConfig
+
+UNK = "\x00"  # the unknown character; id 0
+CHECKPOINT_MAGIC = b"tiny-gpt checkpoint, sha256 of the torch.save bytes after this line: "
+
+# ------------------------------------------------------------------- texts and their tokens
+
+FINETUNE_MODULES = ("textwrap", "heapq", "bisect", "fnmatch", "colorsys", "queue", "calendar",
+                    "string", "glob", "sched", "graphlib", "contextlib", "functools", "fractions",
+                    "statistics", "pprint")
+VAL_FRACTION = 0.1
+
+
+def pretraining_text() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def finetuning_text() -> str:
+    parts = []
+    for name in FINETUNE_MODULES:
+        with open(importlib.util.find_spec(name).origin, encoding="utf-8") as f:
+            parts.append(f"# ---- {name}.py\n{f.read()}")
+    return "\n".join(parts)
+
+
+@dataclass
+class Corpus:
+    vocab: str                    # id -> character; vocab[0] is UNK
+    train: torch.Tensor           # (N_train,) token ids
+    val: torch.Tensor             # (N_val,) token ids
+    unknown: int                  # characters mapped to UNK
+
+    @property
+    def fingerprint(self) -> str:
+        data = self.vocab.encode() + self.train.numpy().tobytes() + self.val.numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
+
+
+def make_corpus(text: str, vocab: str) -> Corpus:
+    ids, unknown = encode(text, vocab)
+    n_train = int(len(ids) * (1 - VAL_FRACTION))
+    return Corpus(vocab, ids[:n_train], ids[n_train:], unknown)
+
+
+def build_vocab(text: str) -> str:
+    return UNK + "".join(sorted(set(text) - {UNK}))
+
+
+def encode(text: str, vocab: str) -> tuple[torch.Tensor, int]:
+    """Character ids; characters outside `vocab` become UNK (id 0). Returns (ids, how many)."""
+    index = {ch: i for i, ch in enumerate(vocab)}
+    ids = [index.get(ch, 0) for ch in text]
+    return torch.tensor(ids, dtype=torch.long), sum(1 for ch in text if ch not in index)
+
+
+def decode(ids, vocab: str) -> str:
+    return "".join(vocab[i] if i else "\ufffd" for i in ids)  # UNK shows as the replacement mark
+
+
+# ------------------------------------------------------------------ the run folder's files
+
+class CorruptFile(ValueError):
+    """A file of a run that cannot be trusted: empty, truncated, or not what its checksum says."""
+
+
+class MissingRun(ValueError):
+    """A run folder, method or file that does not exist (yet)."""
+
+
+class OtherRun(ValueError):
+    """A checkpoint made by another method, or with other options or configs."""
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """torch.save bytes behind a line holding their SHA-256, written atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    file_bytes = CHECKPOINT_MAGIC + digest + b"\n" + payload
+    safetensors_io.atomic_write(path, lambda f: f.write(file_bytes))
+
+
+def read_checkpoint(path: str, identity: dict | None = None) -> dict:
+    """Verify the checksum, then torch.load(weights_only=True); a bad file is a CorruptFile.
+
+    With `identity` (the method, its options, the configs), refuse a checkpoint made with another,
+    naming each field that differs with both values (OtherRun).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    start = len(CHECKPOINT_MAGIC) + 65  # the magic words, 64 hex digits and a newline
+    if not data:
+        raise CorruptFile(f"{path} is empty (an interrupted write?)")
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < start:
+        raise CorruptFile(f"{path} is not a checkpoint of this project (or its first line is "
+                          f"damaged)")
+    if hashlib.sha256(data[start:]).hexdigest().encode() != data[len(CHECKPOINT_MAGIC):start - 1]:
+        raise CorruptFile(f"{path} does not match its SHA-256: the file is corrupt or truncated")
+    checkpoint = torch.load(io.BytesIO(data[start:]), map_location="cpu", weights_only=True)
+    if identity is not None:
+        made, wanted = flat(checkpoint.get("identity", {})), flat(identity)
+        differ = [f"{key} {made.get(key)!r} there, {wanted.get(key)!r} here"
+                  for key in sorted(set(made) | set(wanted)) if made.get(key) != wanted.get(key)]
+        if differ:
+            raise OtherRun(f"cannot resume from {path}: it was made with other options "
+                           f"({'; '.join(differ)})")
+    return checkpoint
+
+
+def flat(tree: dict) -> dict:
+    """Nested dicts as one: {"options": {"rank": 8}} -> {"rank": 8}."""
+    return {key: value for name, branch in tree.items()
+            for key, value in (flat(branch).items() if isinstance(branch, dict)
+                               else [(name, branch)])}
+
+
+def json_digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path: str, payload) -> None:
+    text = json.dumps({"sha256": json_digest(payload), "payload": payload}, indent=1)
+    safetensors_io.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        matches = json_digest(data["payload"]) == data["sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptFile(f"{path} is not a JSON file of this project ({error})") from None
+    if not matches:
+        raise CorruptFile(f"{path} does not match its SHA-256: the file is corrupt")
+    return data["payload"]
+
+
+def set_aside(path: str, reason: Exception) -> None:
+    """Rename a corrupt file to `<path>.corrupt[-n]`: kept for a look, never trusted again."""
+    target, n = f"{path}.corrupt", 1
+    while os.path.exists(target):
+        target, n = f"{path}.corrupt-{n}", n + 1
+    os.replace(path, target)
+    print(f"{reason}; set aside as {target}", file=sys.stderr)
+
+
+def record(out: str, name: str, entry: dict, row: dict | None = None, order=()) -> None:
+    """`name`'s entry into run.json and its row into results.json, ordered by `order`; the other
+    methods' stay."""
+    update_json(os.path.join(out, "run.json"), lambda run: {**(run or {}), name: entry})
+    if row is not None:
+        rows = lambda rows: sorted([r for r in rows or [] if r["method"] != name] + [row],
+                                   key=lambda r: order.index(r["method"]))
+        update_json(os.path.join(out, "results.json"), rows)
+
+
+def update_json(path: str, update) -> None:
+    """Rewrite a JSON file of the run as `update(payload)` (None when there is none yet); a
+    corrupt file is set aside and counts as none."""
+    payload = None
+    if os.path.exists(path):
+        try:
+            payload = read_json(path)
+        except CorruptFile as error:
+            set_aside(path, error)
+    write_json(path, update(payload))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor's name and bytes: which base an adapter was trained on."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def weights_name(method: str) -> str:
+    return "full.safetensors" if method == "full" else f"adapter-{method}"
+
+
+def save_weights(method: str, model: torch.nn.Module, path: str) -> int:
+    """Write what `method` trained (an adapter folder in PEFT's format; for `full`, the state dict
+    as a safetensors file) to `path`; return its size in bytes."""
+    if method == "full":
+        safetensors_io.save_file(model.state_dict(), path)
+    else:
+        adapters.save_adapter(model, path)
+    return path_bytes(path)
+
+
+def path_bytes(path: str) -> int:
+    """A file's size, or the sum of the sizes of the files in a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+def make_command(out: str, method: str) -> str:
+    return f"`python train.py --out {out}" + ("`" if method == "base" else f" --method {method}`")
+
+
+def load_model(out: str, method: str) -> tuple[torch.nn.Module, str]:
+    """The model `method` trained in the run folder `out` ("base": the pretrained base), in eval
+    mode, and its vocabulary. MissingRun or CorruptFile say which file and what to do."""
+    make = make_command(out, method)
+    run_file = os.path.join(out, "run.json")
+    if not os.path.isfile(run_file):
+        raise MissingRun(f"{out} holds no run ({run_file} is missing): make one with {make}")
+    entry = read_json(run_file).get(method)
+    if entry is None:
+        raise MissingRun(f"{out} holds no {method} run: make one with {make}")
+    base, weights = entry["base"], entry["weights"] and os.path.join(out, entry["weights"])
+    checkpoint = os.path.join(out, base["checkpoint"])
+    for path in (checkpoint, weights):
+        if path and not os.path.exists(path):
+            raise MissingRun(f"{path} is missing: make it with {make}")
+    model = GPT(GPTConfig(**base["model_config"]))
+    model.load_state_dict(read_checkpoint(checkpoint)["model"])
+    if weights_fingerprint(model) != base["fingerprint"]:
+        raise CorruptFile(f"{checkpoint} holds another base than the one {method} was "
+                          f"trained on")
+    if method == "full":
+        model.load_state_dict(safetensors_io.load_file(weights)[0])
+    elif weights:
+        if method == "qlora":  # the adapter sits on the same 4-bit base it was trained on
+            options, quantization = entry["options"], entry["options"]["quantization"]
+            targets = options["targets"] if isinstance(options["targets"], str) else tuple(
+                options["targets"])
+            qlora.quantize_model(model, targets, quantization["blocksize"],
+                                 quantization["double_quant"],
+                                 getattr(torch, quantization["compute_dtype"]))
+        model = adapters.apply_saved_adapter(model, weights)
+    return model.eval(), base["vocab"]
+
+
+def occupied(out: str, methods) -> str | None:
+    """The first path of `out` where a method's weights go that holds the wrong kind of entry."""
+    for path in (os.path.join(out, weights_name(m)) for m in methods):
+        if os.path.exists(path) and os.path.isdir(path) == path.endswith(".safetensors"):
+            return path
+    return None
