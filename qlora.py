@@ -222,6 +222,9 @@ class NF4Linear(nn.Module):
             if key not in state_dict:
                 continue  # nn.Module's loader reports missing keys
             new = check_tensor(state_dict[key], f"state dict entry {key!r}", finite=True)
+            if name in ("absmax", "nested_absmax") and bool((new.float() < 0).any()):
+                raise ValueError(f"state dict entry {key!r} has negative values: it holds "
+                                 "largest magnitudes (a negative one flips its block's sign)")
             if name != "bias" and (new.shape, new.dtype) != (own.shape, own.dtype):
                 raise ValueError(f"state dict entry {key!r} is {new.dtype} {tuple(new.shape)}, "
                                  f"NF4Linear expects {own.dtype} {tuple(own.shape)} (another "

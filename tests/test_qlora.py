@@ -888,6 +888,21 @@ def test_loading_non_finite_scales_offset_or_bias_fails_and_loads_nothing(double
         model.load_state_dict({f"0.{k}": v for k, v in state.items()})
 
 
+@pytest.mark.parametrize("double_quant, name", [(False, "absmax"), (True, "nested_absmax")])
+def test_loading_a_negative_scale_fails_and_loads_nothing(double_quant, name):
+    """A block's absmax (or, with double quantization, a nested one) is a largest magnitude: a
+    negative one would load as finite and flip the sign of every weight of its block."""
+    source = qlora.NF4Linear.from_linear(make_linear(128, 8, True, 0), 64, double_quant)
+    state = source.state_dict()
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] *= -1
+    target = qlora.NF4Linear.from_linear(make_linear(128, 8, True, 1), 64, double_quant)
+    kept = storage(target)
+    with pytest.raises(ValueError, match=f"'{name}' has negative values"):
+        target.load_state_dict(state)
+    assert_same_tensors(storage(target), kept, "storage after a refused load", 64)
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_double_quant_must_be_a_bool_at_every_entry(bad):
     model = make_gpt(0, n_layer=1)
