@@ -182,12 +182,12 @@ class AdapterLinear(nn.Module):
                 missing_keys.remove(key)
         if flag not in state_dict:
             self.adapter_merged.fill_(False)
-        if digest in state_dict and bool(self.adapter_merged) and not torch.equal(
-                self.adapter_merged_digest.cpu(), self._delta_digest()):
+        saved = self.adapter_merged_digest.clone() if digest in state_dict else None
+        self._set_merged(bool(self.adapter_merged))  # the digest of the tensors loaded now
+        if self.merged and saved is not None and not torch.equal(saved, self.adapter_merged_digest):
             error_msgs.append(f"{prefix[:-1] or 'the layer'}: its adapter tensors are not those "
                               "merged into its weight (edited while merged?): unmerging would "
                               "leave W0 wrong; save the state unmerged")
-        self._set_merged(bool(self.adapter_merged))
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:

@@ -240,7 +240,7 @@ class VeRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        tokens = x.reshape(-1, x.shape[-1])  # (N, in); a wrong width is the base's error to raise
+        tokens = x.reshape(-1, x.shape[-1])  # (N, in): check_input checked its width
         y = self.base(tokens)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
         if not self.merged:
             dropped = self.vera_dropout(x).reshape(tokens.shape)  # (N, in): d(x), on x's shape
