@@ -18,7 +18,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-import safetensors_io
 from checks import check_features, check_int, check_tensor
 
 ALL_LINEAR = "all-linear"
@@ -329,12 +328,6 @@ def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
         raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
                          "the old update)")
     return layers
-
-
-def atomic_save(obj, path: str, write: Callable | None = None) -> None:
-    """Deprecated (use safetensors_io.atomic_write): torch.save `obj` (or `write(obj, file)`) to
-    `path` through a temporary file, never leaving a half-written file."""
-    safetensors_io.atomic_write(path, lambda file: (write or torch.save)(obj, file))
 
 
 # Adapter directories in PEFT's format (save_adapter, load_adapter, apply_saved_adapter, ...) live

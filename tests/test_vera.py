@@ -418,7 +418,7 @@ def test_apply_vera_has_defaults_like_the_other_methods():
 
 # --------------------------------------------------------------------------------------------------
 # Adapter directories (adapters.save_adapter / load_adapter): what is VeRA's own. The format and
-# every refusal in general are tested in tests/test_adapters.py.
+# every refusal in general are tested in tests/test_adapter_files.py.
 
 def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
     model = vera.apply_vera(tiny_gpt(n_embd=n_embd), "all-linear", r=8, seed=seed)
