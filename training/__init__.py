@@ -1,0 +1,1 @@
+"""What train.py and sample.py share (tier 2): the texts and tokens, the run folder."""
