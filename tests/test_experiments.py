@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import experiments
-from papers import lora_experiments, runner
-from papers.lora_experiments import fitted_line, phi_grid
+from papers import dora_experiments, lora_experiments, measures, runner
+from papers.measures import fitted_line, phi_grid
 
 TOL = dict(rtol=0, atol=1e-12)
 
@@ -157,8 +157,8 @@ def test_the_within_step_fit_removes_the_growth_shared_by_every_layer():
     # both grow with the step: pooled, the growth wins; within a step, the relation shows.
     points = [dict(step=t, dM=t + dm, dD=t + dd) for t in (1, 2, 3, 4)
               for dm, dd in ((0.0, 0.1), (0.1, 0.0))]
-    assert lora_experiments.fit_points(points, within_step=False)["correlation"] > 0.9
-    assert math.isclose(lora_experiments.fit_points(points, within_step=True)["correlation"],
+    assert measures.fit_points(points, within_step=False)["correlation"] > 0.9
+    assert math.isclose(measures.fit_points(points, within_step=True)["correlation"],
                         -1.0, abs_tol=1e-12)
 
 
@@ -298,7 +298,7 @@ def test_dora_decomposition_at_the_tiny_size(out):
     layers = runner.SIZES["tiny"].base.n_layer
     for method in ("full", "lora", "dora"):
         for points in result["tracked"][method].values():
-            assert len(points) == min(steps, lora_experiments.CHECKPOINTS) * layers * 2
+            assert len(points) == min(steps, dora_experiments.CHECKPOINTS) * layers * 2
             assert all(p["dM"] >= 0 and p["dD"] >= -1e-12 for p in points)
         for m in ("q_proj", "v_proj"):
             assert set(result["fits"][f"{method} {m}"]) == {
