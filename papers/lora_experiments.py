@@ -185,13 +185,13 @@ def plot_subspace(result, path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.5))
     for col, m in enumerate(QV):
         grids = torch.tensor(list(result[m]["small_vs_large"].values()))  # (seeds, i, j)
-        image = axes[0][col].imshow(grids.mean(0), vmin=0, vmax=1, aspect="auto",
+        image = axes[0][col].imshow(grids.mean(0).numpy(), vmin=0, vmax=1, aspect="auto",
                                     cmap="viridis", origin="lower",
                                     extent=(0.5, grids.shape[2] + 0.5, 0.5, grids.shape[1] + 0.5))
         axes[0][col].set(title=f"{m}: φ(A_r={result['small_rank']}, A_r={result['large_rank']})",
                          xlabel="j", ylabel="i")
         seed_grid = torch.tensor(result[m]["seed_vs_seed"])
-        axes[1][col].imshow(seed_grid, vmin=0, vmax=1, aspect="auto", cmap="viridis",
+        axes[1][col].imshow(seed_grid.numpy(), vmin=0, vmax=1, aspect="auto", cmap="viridis",
                             origin="lower", extent=(0.5, seed_grid.shape[1] + 0.5,
                                                     0.5, seed_grid.shape[0] + 0.5))
         axes[1][col].set(title=f"{m}: two seeds at r={result['large_rank']}", xlabel="j",

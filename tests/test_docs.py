@@ -20,12 +20,13 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("adapters", "adapter_files", "safetensors_io", "checks", "oracle", "oracle_cases",
+MODULES = ("adapters", "adapter_files", "safetensors_io", "checks", "experiments", "oracle",
+           "oracle_cases",
            "oracle_golden", "runs", "sample", "train", "bench", "tiny_gpt", "lora", "dora", "vera",
            "nf4", "qlora", "paged_optim")
 # `lora.py`, `docs/nf4.md`: file names, not attributes.
 FILE_SUFFIXES = {"py", "md", "txt", "json", "safetensors", "pt", "png", "sh", "ini"}
-README_MAX_BYTES = 16_000
+README_MAX_BYTES = 16_500  # 16,000 until the experiments' rows (issue 25)
 TABLE_HEADER = "method  trainable"  # the first words of the table train.py prints
 TEST_COMMAND = "pip install -r requirements-dev.txt && python -m pytest"
 QUICK_START = ["pip install -r requirements.txt && python train.py", TEST_COMMAND]

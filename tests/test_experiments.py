@@ -75,7 +75,7 @@ def test_phi_is_invariant_to_rescaling_A(shape, data, scale, negate):
                         experiments.subspace_similarity(A1, A2, i, j), abs_tol=1e-12)
 
 
-def test_phi_of_nested_subspaces_counts_the_shared_directions():
+def test_phi_of_nested_subspaces():
     # A1 spans e0, e1; A2 spans e0, e2 (singular values 3 > 1 fix the order): U_1 of A1 is e0,
     # so φ(i=1, j=1) = 1; with i = j = 2 the shared direction is one of two: φ = 1/2.
     A1 = torch.tensor([[3.0, 0, 0, 0], [0, 1, 0, 0]])
@@ -126,7 +126,7 @@ def test_a_row_rotated_weight_with_preserved_norms_changes_direction_only(shape)
     assert -1e-12 <= dD <= 2 + 1e-12
 
 
-def test_magnitude_direction_change_of_a_hand_computed_2x2_case():
+def test_delta_m_and_d_by_hand():
     # Rows (3, 4) -> (0, 5): norms 5 and 5, cosine 20/25 = 0.8. Rows (1, 0) -> (0, 2): norms 1
     # and 2, cosine 0. ΔM = (0 + 1)/2 = 0.5; ΔD = ((1 - 0.8) + (1 - 0))/2 = 0.6.
     W0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
