@@ -167,8 +167,7 @@ def subspace_table(result) -> str:
         grid = result[m]["seed_vs_seed"]
         rows.append([f"{m}, seeds {result['seed_pair']}"] + [f"{grid[j - 1][j - 1]:.2f}"
                                                              for j in js])
-    rows.append(["random Gaussian pair"] + [f"{result['random'][min(j, small) - 1][j - 1]:.2f}"
-                                            for j in js])
+    rows.append(["random subspaces (expected j/d)"] + [f"{j / result['width']:.2f}" for j in js])
     parts.append(text_table([f"φ(A, A', i = j) at r = {large}"] + [f"i = j = {j}" for j in js],
                             rows))
     random_rows = [[f"i = {i}"] + [f"{result['random'][i - 1][j - 1]:.2f} "
