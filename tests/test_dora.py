@@ -284,6 +284,30 @@ def test_dora_weight_is_magnitude_times_the_unit_rows_of_V(case, detach_norm):
                     atol=TOL[torch.float64] * k * float(size.max()))
 
 
+@pytest.mark.exercise("dora.dora_weight")
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_weight_of_a_zero_row_of_V_is_zero_not_nan(detach_norm):
+    """A row of V = W0 + s B A that is all zeros has no direction: ||V|| = 0 and m / ||V|| would be
+    0 / 0. The norm is floored at DORA_NORM_EPS (module docstring, "Zero rows"), so that row of W'
+    is m · 0 / eps = 0, the other rows are untouched, and every gradient is finite."""
+    gen = torch.Generator().manual_seed(3)
+    W0 = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    W0[1] = 0  # with B = 0, row 1 of V is zero
+    A = torch.randn(2, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    B = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    m = (torch.linalg.vector_norm(W0, dim=1) + 0.5).requires_grad_(True)  # m_1 = 0.5, not 0
+    W = dora.dora_weight(W0, A, B, m, 2.0, detach_norm)
+    assert not W.isnan().any(), (
+        f"W' has NaN in rows {sorted(set(W.isnan().nonzero()[:, 0].tolist()))}: a zero row of V "
+        "gives m / ||V|| = 0 / 0 unless the norm is floored at DORA_NORM_EPS")
+    assert_same(W[1], torch.zeros(5, dtype=torch.float64), "the zero row of W'")
+    expected = (m / torch.linalg.vector_norm(W0, dim=1)).unsqueeze(1) * W0  # the other rows
+    assert_same(W[[0, 2, 3]], expected[[0, 2, 3]], "the other rows of W'", exact=False)
+    grads = torch.autograd.grad(W.sum(), [A, B, m])
+    for name, grad in zip(("∇A", "∇B", "∇m"), grads):
+        assert grad.isfinite().all(), f"{name} is not finite: {grad}"
+
+
 @pytest.mark.exercise("dora.dora_grads")
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans(),
        st.booleans())

@@ -79,6 +79,33 @@ def randomize_vectors(model, seed):
 # --------------------------------------------------------------------------------------------------
 # The shared matrices.
 
+@pytest.mark.exercise("vera.vera_projections")
+@pytest.mark.parametrize("r, max_in, max_out, seed", [(16, 96, 128, 0), (64, 32, 24, 1)])
+def test_projections_are_kaiming_uniform_with_the_relu_gain(r, max_in, max_out, seed):
+    """VeRA section 3 draws A and B Kaiming-uniform; PEFT's gain is sqrt(2) (ReLU) with fan_in the
+    second dimension: U(-b, b), b = sqrt(3) · sqrt(2) / sqrt(fan_in), standard deviation
+    sqrt(2 / fan_in). Checked without PEFT, from both sides, on n >= 1536 draws per matrix:
+    - every |entry| <= b, and the largest >= 0.99 b (n uniform draws all stay under 0.99 b with
+      probability 0.99^n < 1e-6): another gain moves b, and one of the two bounds fails;
+    - the sample standard deviation within 5 % of sqrt(2 / fan_in) (its relative standard error
+      is sqrt(0.2 / n) < 1.2 % here, so 5 % is over 4 standard errors)."""
+    A, B = vera.vera_projections(r, max_in, max_out, seed)
+    for name, M, fan_in in (("A", A, max_in), ("B", B, r)):
+        bound, std = math.sqrt(6 / fan_in), math.sqrt(2 / fan_in)
+        largest = float(M.abs().max())
+        assert largest <= bound, (
+            f"{name}: an entry of size {largest:.4g} lies outside U(-b, b), b = sqrt(6 / fan_in) "
+            f"= {bound:.4g} for fan_in = {fan_in}: the gain is too large, or fan_in is wrong")
+        assert largest >= 0.99 * bound, (
+            f"{name}: the largest entry is {largest:.4g}, but {M.numel()} draws of U(-b, b) reach "
+            f"0.99 b, b = sqrt(6 / fan_in) = {bound:.4g} for fan_in = {fan_in}: the gain is too "
+            "small, or fan_in is wrong")
+        assert abs(float(M.std()) / std - 1) < 0.05, (
+            f"{name}: standard deviation {float(M.std()):.4g}, expected sqrt(2 / fan_in) = "
+            f"{std:.4g} (the ReLU gain sqrt(2), fan_in = {fan_in})")
+
+
+@pytest.mark.exercise("vera.vera_projections")
 @given(r=st.integers(1, 16), max_in=st.integers(1, 40), max_out=st.integers(1, 40), seed=seeds,
        other=seeds, extra_out=st.integers(1, 8))
 def test_projections_seeded_bounded_and_drawn_a_first(r, max_in, max_out, seed, other, extra_out):
