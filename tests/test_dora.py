@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import adapters
 import dora
 import lora
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
 
@@ -179,7 +179,7 @@ class FakeQuantLinear(nn.Module):
 def test_fresh_adapter_equals_base(case):
     layer, x, _ = make_layer(case, trained=False)
     W0 = layer.base.weight.detach().to(torch.float64)
-    # magnitude = the norm of each output row of W0 (the paper's column norm of its (in, out) W)
+    # magnitude = the norm of each output row of W0 (PEFT's reading of the paper's column norm)
     assert_close_normwise(layer.magnitude.detach(), W0.norm(dim=1), TOL[layer.magnitude.dtype])
     x.requires_grad_(True)
     y = layer(x)
@@ -352,8 +352,8 @@ def test_dora_grads_pass_gradcheck(shape):
     """torch.autograd.gradcheck: eq. 6 and 7 (dora_grads, norm in the graph) against central
     finite differences of W' = m ⊙ V / ||V|| in float64, at gradcheck's own tolerances."""
     V, m, _ = random_direction(*shape, seed=sum(shape))
-    assert torch.autograd.gradcheck(HandDoRAWeight.apply,
-                                     (V.requires_grad_(True), m.requires_grad_(True)))
+    assert_gradcheck(HandDoRAWeight.apply, (V.requires_grad_(True), m.requires_grad_(True)),
+                     "dora.dora_grads")
 
 
 @given(cases(dtypes=(torch.float64,)), st.booleans())

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import adapters
 import lora
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from fast_paths import low_rank
 from tiny_gpt import GPT, GPTConfig
 
@@ -379,8 +379,8 @@ def test_lora_grads_pass_gradcheck(in_features, out_features, r, lead):
     case = Case(in_features, out_features, r, 3.0, torch.float64, False, True, lead, 7)
     x, W, _, A, B, _ = random_lora(case)
     inputs = tuple(t.requires_grad_(True) for t in (x, A, B))
-    assert torch.autograd.gradcheck(
-        lambda x, A, B: HandLoRA.apply(x, A, B, W, case.scaling()), inputs)
+    assert_gradcheck(lambda x, A, B: HandLoRA.apply(x, A, B, W, case.scaling()), inputs,
+                     "lora.lora_grads")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import adapters
 import lora
 import vera
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from fast_paths import low_rank
 from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
@@ -289,8 +289,8 @@ def test_vera_grads_pass_gradcheck(shape):
     float64, at gradcheck's own tolerances."""
     x, W, _, A, B, d, lam_b, _ = random_vera(shape, sum(shape))
     inputs = tuple(t.requires_grad_(True) for t in (x, d, lam_b))
-    assert torch.autograd.gradcheck(lambda x, d, lam_b: HandVeRA.apply(x, d, lam_b, W, A, B),
-                                    inputs)
+    assert_gradcheck(lambda x, d, lam_b: HandVeRA.apply(x, d, lam_b, W, A, B), inputs,
+                     "vera.vera_grads")
 
 
 def test_only_the_vectors_get_gradients_in_the_gpt():
@@ -305,6 +305,15 @@ def test_only_the_vectors_get_gradients_in_the_gpt():
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
+
+
+@given(shape=layer_shapes(), seed=seeds)
+def test_vera_delta_is_the_equations_update(shape, seed):
+    """vera.vera_delta on plain tensors: ΔW = Λ_b B Λ_d A (eq. 2's update), (out, in), against the
+    product with explicit diagonal matrices in float64 (the module docstring's float64 bound)."""
+    _, _, _, A, B, d, lam_b, _ = random_vera(shape, seed)
+    expected = torch.diag(lam_b) @ B @ torch.diag(d) @ A
+    assert_same(vera.vera_delta(A, B, d, lam_b), expected, "ΔW", exact=False, **TOL[torch.float64])
 
 
 @given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
