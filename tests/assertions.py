@@ -15,6 +15,7 @@ first difference is in.
 from __future__ import annotations
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 # Tolerances of step 2: a correct formula computed in another order lands well inside them.
 TOLERANCES = {  # dtype: (rtol, atol)
@@ -116,7 +117,7 @@ def assert_gradcheck(function, inputs, name: str = "the hand-written backward") 
     """torch.autograd.gradcheck, failing in one short message instead of its Jacobian dumps."""
     try:
         torch.autograd.gradcheck(function, inputs)
-    except torch.autograd.gradcheck.GradcheckError as error:
+    except GradcheckError as error:
         first = str(error).splitlines()[0].rstrip(",")
         raise AssertionError(
             f"{name} disagrees with central finite differences of the forward: {first} (the "

@@ -118,3 +118,12 @@ def pytest_collection_modifyitems(config, items):
     keep = sorted(found[wanted], key=lambda item: "gradcheck" in item.name)
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield
+    if item.config.getoption("--exercise") and hasattr(item, "_hypothesis_failing_examples"):
+        # Hypothesis would turn the failing example into a patch file for the test's source: it
+        # imports libcst (a second or more) and prints a line a student does not need.
+        del item._hypothesis_failing_examples
