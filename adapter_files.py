@@ -35,6 +35,7 @@ import vera
 from adapters import (ALL_LINEAR, adapter_layers, is_linear_like, loadable_adapter_layers,
                       matches_targets, replace_submodule)
 from checks import check_bool, check_int, check_number, check_probability
+from formats import safe_open
 
 CONFIG_FILE = "adapter_config.json"
 TENSOR_FILE = "adapter_model.safetensors"
@@ -123,11 +124,11 @@ def read_adapter(directory: str) -> SavedAdapter:
     directory = os.fspath(directory)
     config_path, tensor_path = (os.path.join(directory, f) for f in (CONFIG_FILE, TENSOR_FILE))
     for path in (config_path, tensor_path):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file; an adapter directory holds "
                                     f"{CONFIG_FILE} and {TENSOR_FILE} (adapters.save_adapter)")
-    with open(config_path, "rb") as file:
-        text = file.read()
+    # Only regular files, the config no bigger than a JSON file of ours may be (safe_open).
+    text = safe_open.read_regular(config_path, safe_open.MAX_JSON_BYTES)
     try:
         config = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:

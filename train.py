@@ -30,12 +30,14 @@ import qlora
 import safetensors_io
 import vera
 from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
+from formats import safe_open
 from paged_optim import PagedAdamW
 from runs import (CorruptFile, Corpus, OtherRun, build_vocab, finetuning_text, make_corpus,
                   occupied, pretraining_text, read_checkpoint, record, save_checkpoint,
                   save_weights, set_aside, weights_fingerprint, weights_name)
 from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
+from training import locks
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -410,8 +412,23 @@ def main(argv=None) -> list[dict]:
     options = check_options(parser, args, len(vocab), cfg)
     if in_the_way := occupied(args.out, options):
         parser.error(f"argument --out: {in_the_way} is in the way of what train.py writes there")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:  # a name too long, /proc, a read-only file system
+        parser.error(f"argument --out: cannot make {error.filename or args.out}: "
+                     f"{error.strerror or error}")
+    held = locks.MethodLocks(args.out, options)  # RunBusy: another run trains one of them here
+    try:
+        return train_methods(args, cfg, device, vocab, pre_text, options)
+    finally:
+        held.release()
+
+
+def train_methods(args, cfg: TrainConfig, device, vocab: str, pre_text: str, options: dict
+                  ) -> list[dict]:
+    """What main does once the flags are checked and the methods' locks are held."""
     for where in [args.out] + [os.path.join(args.out, weights_name(m)) for m in METHODS]:
-        for path in safetensors_io.remove_stale_temporaries(where):
+        for path in safetensors_io.remove_stale_temporaries(where, root=args.out):
             print(f"removed {path}, left by an interrupted save", file=sys.stderr)
     pre, fine = make_corpus(pre_text, vocab), make_corpus(finetuning_text(), vocab)
     print(f"pretraining text: {len(pre_text):,} characters, vocabulary {len(vocab)} (with UNK); "
@@ -419,7 +436,8 @@ def main(argv=None) -> list[dict]:
           f"mapped to UNK; device {device}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    base, base_info = pretrain(cfg, pre, args.out, device)
+    with locks.shared_file_lock(args.out, "base"):  # a second run waits, then reuses the cache
+        base, base_info = pretrain(cfg, pre, args.out, device)
     record(args.out, "base", dict(weights=None, seed=cfg.seed, base=base_info))
     pre_windows = eval_windows(pre.val, cfg.eval_batches, cfg.batch_size, cfg.block_size)
     print(f"base model: {base.num_parameters():,} parameters, pretraining val loss "
@@ -446,5 +464,26 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def cli(argv=None) -> int:
+    """main as a command: every failure of a file or folder is one line, Ctrl-C says how to go
+    on; returns the exit status (130 after Ctrl-C, as a shell reports SIGINT)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("train.py: interrupted; resume with --resume (the same flags and --resume continue "
+              "from the last checkpoint)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk, a file size limit, a read-only or vanished folder
+        where = f" {error.filename}" if error.filename else ""
+        print(f"train.py: cannot read or write{where}: {error.strerror or error}",
+              file=sys.stderr)
+        return 1
+    except (safe_open.NotRegularFile, CorruptFile, OtherRun, locks.RunBusy,
+            locks.RunFolderGone) as error:
+        print(f"train.py: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

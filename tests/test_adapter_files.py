@@ -21,6 +21,7 @@ import dora
 import lora
 import vera
 from assertions import assert_same
+from test_safetensors_io import dead_pid
 from test_adapters import (BUILDERS, PEFT_TARGETS, assert_logits_close, linear_names, make_gpt,
                            randomize_adapters, tokens, trained)
 
@@ -274,7 +275,7 @@ def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path)
     (first / adapter_files.TENSOR_FILE).write_bytes(new_tensors)  # killed before the config
     with pytest.raises(ValueError, match="config_sha256 differs.*interrupted"):
         adapters.read_adapter(first)
-    (first / ".tmp-abc123").write_bytes(b"half a file")
+    (first / f".tmp-{dead_pid()}-abc12345").write_bytes(b"half a file")
     model = trained("lora", seed=2)
     adapters.save_adapter(model, first)
     assert sorted(os.listdir(first)) == [adapter_files.CONFIG_FILE, adapter_files.TENSOR_FILE]

@@ -21,6 +21,7 @@ import safetensors_io
 import runs
 import train
 from assertions import assert_same
+from test_safetensors_io import dead_pid
 
 QUICK = train.TrainConfig(**train.QUICK)
 
@@ -284,12 +285,16 @@ def test_corrupt_run_and_results_files_are_set_aside_and_started_afresh(tmp_path
 def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path, only_base=True)
     os.makedirs(os.path.join(folder, "adapter-lora"))
-    stale = [os.path.join(folder, ".tmp-abc123.pt"), os.path.join(folder, "adapter-lora", ".tmp-x")]
-    for path in stale:
+    gone = dead_pid()
+    stale = [os.path.join(folder, f".tmp-{gone}-abc12345"),
+             os.path.join(folder, "adapter-lora", f".tmp-{gone}-x1234567")]
+    users = [os.path.join(folder, ".tmp-notes.txt"), os.path.join(folder, ".tmp-abc123.pt")]
+    for path in stale + users:
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
     status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
     assert status == 0 and not any(os.path.exists(path) for path in stale)
+    assert all(os.path.exists(path) for path in users)  # not atomic_write's names: kept
     assert "left by an interrupted save" in err
 
 
