@@ -47,8 +47,14 @@ def open_regular(path):
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         descriptor = os.open(path, flags)
-    except IsADirectoryError:
-        raise NotRegularFile(f"{path}: is a directory, not a regular file") from None
+    except FileNotFoundError:
+        raise
+    except OSError:  # a socket cannot be opened (ENXIO): say what it is where we can
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotRegularFile(f"{path}: is {kind_of(status.st_mode)}, not a regular file"
+                                 ) from None
+        raise
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
