@@ -11,6 +11,7 @@ it. The file format itself (keys, config fields, metadata) is in adapter_files.p
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 from typing import Callable, Iterable
@@ -18,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from checks import check_features, check_int, check_tensor
+from checks import check_features, check_int, check_target_pattern, check_tensor
 
 ALL_LINEAR = "all-linear"
 # Linears that "all-linear" leaves alone: the output head (adapting the vocabulary projection is a
@@ -315,8 +316,14 @@ def matches_targets(name: str, target_modules) -> bool:
     if target_modules == ALL_LINEAR:
         return True
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return _target_pattern(target_modules).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+@functools.lru_cache(maxsize=64)
+def _target_pattern(pattern: str) -> re.Pattern:
+    """A target_modules pattern, checked once for bounded matching time (check_target_pattern)."""
+    return re.compile(check_target_pattern(pattern, "target_modules"))
 
 
 def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
