@@ -26,6 +26,7 @@ import oracle_cases
 import paged_optim  # noqa: F401
 import vera  # noqa: F401
 from checks import check_bool, check_int
+from oracle_kit import guards
 from oracle_cases import case_inputs
 
 # Tolerance, a multiple of the largest sum of absolute terms of each output (the formula on the
@@ -59,6 +60,45 @@ def _reference(contract):
 
 def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dict:
     """fn applied to `inputs` as the contract calls it: the outputs by name, as given."""
+    if contract in ("nf4_quantize", "nf4_dequantize"):  # fn gets its own copy of w or q
+        given = {name: guards.candidate_copy(value) for name, value in inputs.items()}
+        outputs = _run_nf4(contract, fn, given)
+        _refuse_changed_inputs(inputs, given)
+        return outputs
+    if contract == "adamw_step":
+        param, exp_avg, exp_avg_sq = (inputs[k].clone() for k in ("param", "exp_avg", "exp_avg_sq"))
+        for i, grad in enumerate(inputs["grads"]):  # (steps, *shape): one call per step
+            given = grad.clone()  # fn's own grad, compared after the call: it must not change it
+            fn(param, given, exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
+               inputs["betas"], inputs["eps"], inputs["weight_decay"])
+            _refuse_changed_inputs({f"grad (step {i + 1})": grad}, {f"grad (step {i + 1})": given})
+        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
+    trained = TRAINED[contract] if gradients else ()
+    leaves = {name: value.detach().clone().requires_grad_(name in trained)
+              if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+    y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
+    _refuse_changed_inputs(inputs, leaves)
+    if not trained or not isinstance(y, torch.Tensor):
+        return {"y": y}
+    x = inputs["x"]
+    problem = guards.placement_problem("y", y, x.device, x.dtype, inputs["grad_out"].shape)
+    if problem:  # before the backward pass, which would only crash on it
+        raise Mismatch(problem)
+    if not y.requires_grad:
+        raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
+                       "custom backward in a torch.autograd.Function), or pass gradients=False")
+    y.backward(leaves["grad_out"])
+    _refuse_changed_inputs(inputs, leaves)  # a backward pass that writes into an input
+    return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
+
+
+def _refuse_changed_inputs(originals: dict, copies: dict) -> None:
+    problems = guards.changed_inputs(originals, copies)
+    if problems:
+        raise Mismatch(problems[0])
+
+
+def _run_nf4(contract: str, fn, inputs: dict) -> dict:
     if contract == "nf4_quantize":
         result = fn(inputs["w"], blocksize=inputs["blocksize"], double_quant=inputs["double_quant"])
         if isinstance(result, nf4.NF4Weight):
@@ -68,25 +108,7 @@ def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dic
                            "mapping with packed, absmax, nested_absmax, offset")
         return {name: result[name] for name in nf4.NF4Weight.TENSOR_FIELDS
                 if result.get(name) is not None}
-    if contract == "nf4_dequantize":
-        return {"dequantized": fn(inputs["q"], inputs["dtype"])}
-    if contract == "adamw_step":
-        param, exp_avg, exp_avg_sq = (inputs[k].clone() for k in ("param", "exp_avg", "exp_avg_sq"))
-        for i, grad in enumerate(inputs["grads"]):  # (steps, *shape): one call per step
-            fn(param, grad.clone(), exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
-               inputs["betas"], inputs["eps"], inputs["weight_decay"])
-        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
-    trained = TRAINED[contract] if gradients else ()
-    leaves = {name: value.detach().clone().requires_grad_(name in trained)
-              if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
-    y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
-    if not trained or not isinstance(y, torch.Tensor):
-        return {"y": y}
-    if not y.requires_grad:
-        raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
-                       "custom backward in a torch.autograd.Function), or pass gradients=False")
-    y.backward(leaves["grad_out"])
-    return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
+    return {"dequantized": fn(inputs["q"], inputs["dtype"])}
 
 
 def _exact_inputs(inputs: dict, absolute: bool = False) -> dict:
@@ -178,8 +200,13 @@ def compare(contract, expected: dict, got: dict, inputs: dict, atol: dict | None
             exact: bool = True) -> list:
     """A line per output that differs (empty: all agree). atol None: bit for bit."""
     problems = [f"{name}: unexpected output" for name in got if name not in expected]
+    device = guards.input_device(inputs)
     for name, want in expected.items():
         have = got.get(name)
+        if isinstance(have, torch.Tensor) and device is not None and have.device != device:
+            problems.append(f"{name}: expected on {device}, where the inputs are, got "
+                            f"{_describe(have)}")
+            continue
         dtype = inputs[name[5:]].dtype if name.startswith("grad_") else (
             inputs["x"].dtype if name == "y" else want.dtype)
         shape_ok = isinstance(have, torch.Tensor) and (have.shape == want.shape or (
@@ -220,7 +247,7 @@ def _describe(value) -> str:
 
 def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exact=True) -> None:
     """Run one case of `contract` on fn; raise Mismatch (an AssertionError) if it disagrees."""
-    device = str(torch.device(device))
+    device = guards.check_device(device)  # the caller's setup: an error, not a finding
     inputs = case_inputs(contract, case, device)
     expected = expected_outputs(contract, inputs, gradients)
     atol = adapter_tolerances(contract, inputs, expected, gradients) \
@@ -246,6 +273,7 @@ def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exac
 def _check(contract, fn, examples, device, derandomize, **options) -> dict:
     check_int(examples, "examples", low=0)
     check_bool(derandomize, "derandomize")
+    guards.check_device(device)  # before any case: no CUDA is the caller's problem
     tried = {"cases": 0}
 
     def one_case(case):
