@@ -74,7 +74,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=checked(check_int, low=0, high=2**64 - 1), default=0,
                    help="seed of the sampling generator")
     p.add_argument("--temperature", type=checked(check_number, float, low=MIN_TEMPERATURE,
-                                                 high=MAX_TEMPERATURE), default=1.0, help="divides the logits; below 1 is more conservative")
+                                                 high=MAX_TEMPERATURE), default=1.0,
+                   help="divides the logits; below 1 is more conservative")
     p.add_argument("--top-k", type=checked(check_int, low=1), default=None,
                    help="draw only from the k likeliest characters (None: from all)")
     return p

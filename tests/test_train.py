@@ -133,6 +133,7 @@ def fine_tune_steps(folder, method, dropout, crash_at=None, resume=False):
     """train.py's fine-tuning path (prepare, optimizer, loop with checkpoints) on a tiny base: 12
     steps, checkpoints every 5; `crash_at` raises after that step, as a kill would stop it."""
     cfg = dataclasses.replace(QUICK, finetune_steps=12, checkpoint_every=5)
+    folder.mkdir(exist_ok=True)  # train.py makes its run folder; checkpoints never do
     opts = train.method_options(method, train.build_parser().parse_args(
         [] if method == "full" else ["--dropout", str(dropout)]))
     model = train.prepare(method, train.build_model(cfg, 11, "cpu"), opts, cfg.seed)
