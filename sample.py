@@ -1,4 +1,4 @@
-"""Text sampled from a run that train.py wrote (its run folder: runs.py).
+"""Text sampled from a run that train.py wrote (its run folder: training/runs.py).
 
     python sample.py --out runs --method lora --prompt "def " --tokens 200 --seed 0
     python sample.py --out runs --method base --temperature 0.8 --top-k 20
@@ -15,8 +15,7 @@ import sys
 import torch
 
 from checks import Parser, check_int, check_number, checked, folder, text_flag
-from runs import MissingRun, decode, encode, load_model, make_command
-
+from training.runs import MissingRun, decode, encode, load_model, make_command
 
 # Each character is one forward pass of the model on up to block_size tokens, one thread: on a
 # laptop core about a millisecond for the default model, so 100,000 characters are minutes of
@@ -29,6 +28,7 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
 
 # -------------------------------------------------------------------------------------- sampling
+
 
 def sample_text(model, vocab: str, prompt: str, tokens: int, seed: int, temperature: float = 1.0,
                 top_k: int | None = None) -> str:

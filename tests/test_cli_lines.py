@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 
-import adapter_files
-import runs
-import safetensors_io
 import sample
 import train
+from formats import adapter_files, safetensors_io
+from training import runs
 
 TINY = ["--quick", "--pretrain-steps", "1", "--steps", "1"]
 

@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-import runs
-import safetensors_io
 import train
-from training import locks
+from formats import safetensors_io
+from training import locks, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--pretrain-steps", "2", "--steps", "2"]

@@ -11,11 +11,9 @@ import tracemalloc
 import pytest
 import torch
 
-import adapter_files
-import oracle_golden
-import runs
-import safetensors_io
-from formats import safe_open
+import oracle_kit.golden
+from formats import adapter_files, safe_open, safetensors_io
+from training import runs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 
@@ -86,7 +84,7 @@ def test_verify_reads_no_fifo_and_nothing_outside_its_folder(tmp_path, no_hang, 
     golden = tmp_path / "golden"
     golden.mkdir()
     fifo(golden / "manifest.json")
-    assert oracle_golden.main(["verify", str(golden)]) == 1
+    assert oracle_kit.golden.main(["verify", str(golden)]) == 1
     assert "manifest.json: unreadable" in capsys.readouterr().out
     os.remove(golden / "manifest.json")
     outside = tmp_path / "outside.safetensors"
@@ -95,9 +93,9 @@ def test_verify_reads_no_fifo_and_nothing_outside_its_folder(tmp_path, no_hang, 
     names = ["../outside.safetensors", str(outside), "link.safetensors", "sub/x", "..", ""]
     cases = [{"file": name, "function": "nf4.quantize_nf4", "args": {}, "inputs": ["w"],
               "outputs": []} for name in names] + ["a string"]
-    manifest = {"cases": cases, "cases_sha256": oracle_golden._digest(cases)}
+    manifest = {"cases": cases, "cases_sha256": oracle_kit.golden._digest(cases)}
     (golden / "manifest.json").write_text(json.dumps(manifest))
-    assert oracle_golden.main(["verify", str(golden)]) == 1
+    assert oracle_kit.golden.main(["verify", str(golden)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(cases) + 1, lines
     for line in lines[:len(names) - 1]:
@@ -107,7 +105,7 @@ def test_verify_reads_no_fifo_and_nothing_outside_its_folder(tmp_path, no_hang, 
 
 def test_golden_into_a_path_under_a_file_is_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert oracle_golden.main(["golden", str(tmp_path / "file" / "sub")]) == 2
+    assert oracle_kit.golden.main(["golden", str(tmp_path / "file" / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("oracle.py: cannot write") and "\n" not in err
 

@@ -5,13 +5,11 @@ import json
 import time
 
 import pytest
-from test_adapters import make_gpt
 
-import adapter_files
-import adapters
 import checks
 import lora
-import safetensors_io
+from formats import adapter_files, safetensors_io
+from test_adapters import make_gpt
 
 NAME = "blocks.0.attn.q_projx"  # our 20-character layer names (the probe's), plus one
 
@@ -31,12 +29,12 @@ def test_catastrophic_patterns_are_refused_fast_naming_the_shape(pattern, shape)
     with pytest.raises(ValueError, match=shape):
         checks.check_target_pattern(pattern, "target_modules")
     with pytest.raises(ValueError, match=shape):
-        adapters.matches_targets(NAME, pattern)
+        adapter_files.matches_targets(NAME, pattern)
     assert time.perf_counter() - start < 0.5
 
 
 def test_a_downloaded_config_with_such_a_pattern_is_refused_before_matching(tmp_path):
-    adapters.save_adapter(lora.apply_lora(make_gpt(), ["q_proj"], r=2, seed=0), tmp_path)
+    adapter_files.save_adapter(lora.apply_lora(make_gpt(), ["q_proj"], r=2, seed=0), tmp_path)
     config_path = tmp_path / adapter_files.CONFIG_FILE
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(dict(config, target_modules="(.|.|.)*x")))
@@ -47,7 +45,7 @@ def test_a_downloaded_config_with_such_a_pattern_is_refused_before_matching(tmp_
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"adapter_config.json: target_modules '\(\.\|\.\|\.\)\*x' "
                                          r"has an alternation inside a repeat"):
-        adapters.apply_saved_adapter(make_gpt(), tmp_path)
+        adapter_files.apply_saved_adapter(make_gpt(), tmp_path)
     assert time.perf_counter() - start < 2
 
 
@@ -61,8 +59,8 @@ def test_a_downloaded_config_with_such_a_pattern_is_refused_before_matching(tmp_
 def test_ordinary_peft_patterns_still_match_what_they_name(pattern, matches):
     assert checks.check_target_pattern(pattern, "target_modules") == pattern
     for name in matches:
-        assert adapters.matches_targets(name, pattern)
-    assert not adapters.matches_targets("blocks.0.mlp.up_proj", pattern)
+        assert adapter_files.matches_targets(name, pattern)
+    assert not adapter_files.matches_targets("blocks.0.mlp.up_proj", pattern)
 
 
 def test_the_worst_allowed_pattern_stays_fast_on_long_names():
@@ -71,7 +69,7 @@ def test_the_worst_allowed_pattern_stays_fast_on_long_names():
     pattern = ".*.*.*x"
     checks.check_target_pattern(pattern, "target_modules")
     start = time.perf_counter()
-    assert not adapters.matches_targets("a" * 200, pattern)
+    assert not adapter_files.matches_targets("a" * 200, pattern)
     assert time.perf_counter() - start < 0.5
 
 

@@ -20,6 +20,7 @@ detects on reading (as it does a config edited by hand). Files from PEFT have no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -30,12 +31,10 @@ import torch.nn as nn
 
 import dora
 import lora
-import safetensors_io
 import vera
-from adapters import (ALL_LINEAR, adapter_layers, is_linear_like, loadable_adapter_layers,
-                      matches_targets, replace_submodule)
+from adapters import ALL_LINEAR, AdapterLinear, adapter_layers, is_linear_like, replace_submodule
 from checks import check_bool, check_int, check_number, check_probability, check_target_pattern
-from formats import safe_open
+from formats import safe_open, safetensors_io
 
 CONFIG_FILE = "adapter_config.json"
 TENSOR_FILE = "adapter_model.safetensors"
@@ -76,6 +75,34 @@ UNSUPPORTED_OPTIONS = ("fan_in_fan_out", "modules_to_save", "rank_pattern", "alp
                        "layers_to_transform", "layers_pattern", "exclude_modules", "lora_bias",
                        "use_qalora", "layer_replication", "target_parameters",
                        "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+
+
+def matches_targets(name: str, target_modules) -> bool:
+    """PEFT's rule: a list holds names or suffixes ("q_proj" matches "blocks.0.attn.q_proj"); a
+    string is a regular expression the whole name must match; "all-linear": the tensors decide."""
+    if target_modules == ALL_LINEAR:
+        return True
+    if isinstance(target_modules, str):
+        return _target_pattern(target_modules).fullmatch(name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+@functools.lru_cache(maxsize=64)
+def _target_pattern(pattern: str) -> re.Pattern:
+    """A target_modules pattern, checked once for bounded matching time (check_target_pattern)."""
+    return re.compile(check_target_pattern(pattern, "target_modules"))
+
+
+def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The model's adapter layers, refused if there are none or any is merged."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapter layers to load into (apply_saved_adapter builds "
+                         "them)")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
+                         "the old update)")
+    return layers
 
 
 @dataclasses.dataclass
@@ -126,7 +153,7 @@ def read_adapter(directory: str) -> SavedAdapter:
     for path in (config_path, tensor_path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file; an adapter directory holds "
-                                    f"{CONFIG_FILE} and {TENSOR_FILE} (adapters.save_adapter)")
+                                    f"{CONFIG_FILE} and {TENSOR_FILE} (save_adapter writes one)")
     # Only regular files, the config no bigger than a JSON file of ours may be (safe_open).
     text = safe_open.read_regular(config_path, safe_open.MAX_JSON_BYTES)
     try:
