@@ -15,11 +15,19 @@ from formats import safetensors_io
 from training import locks, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--quick", "--pretrain-steps", "2", "--steps", "2"]
+# The least train.py does: --quick's tiny model, one pretraining and one fine-tuning step (7 saves
+# for the run that pretrains, each slowed below).
+TINY = ["--quick", "--pretrain-steps", "1", "--steps", "1"]
+# Seconds each save sleeps between writing its temporary file and renaming it: long against a
+# save of this tiny model (milliseconds), so a run's temporaries stay in flight while the other
+# run starts, cleans up and saves.
+SAVE_DELAY_S = 0.25
 
 
 def start(folder, method: str, delay: float) -> subprocess.Popen:
-    environment = dict(os.environ, **{safetensors_io.TEST_DELAY_VARIABLE: str(delay)})
+    # One thread each: two processes on a 2-core machine, not four threads fighting over two cores.
+    environment = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                       **{safetensors_io.TEST_DELAY_VARIABLE: str(delay)})
     return subprocess.Popen([sys.executable, "train.py", *TINY, "--out", str(folder), "--method",
                              method], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -42,12 +50,12 @@ def held_by_another(path) -> bool:
 
 def test_two_processes_share_a_folder_and_one_method_has_one_writer(tmp_path, capsys):
     """`train.py --method lora` and `--method dora` as two processes into one folder at once,
-    each save slowed by 0.4 s; while the lora process holds its lock, a third lora run (in this
-    process: no second import of torch) refuses in one line. Before the fix, a run deleted the
+    each save slowed by SAVE_DELAY_S; while the lora process holds its lock, a third lora run (in
+    this process: no third import of torch) refuses in one line. Before the fix, a run deleted the
     other's in-flight temporary file and died (3 in 10 trials)."""
     folder = tmp_path / "runs"
     folder.mkdir()
-    processes = [start(folder, method, 0.4) for method in ("lora", "dora")]
+    processes = [start(folder, method, SAVE_DELAY_S) for method in ("lora", "dora")]
     while not held_by_another(folder / ".lock-lora") and processes[0].poll() is None:
         time.sleep(0.02)
     assert processes[0].poll() is None, processes[0].stderr.read()
