@@ -17,9 +17,10 @@ import torch
 from checks import Parser, check_int, check_number, checked, folder, text_flag
 from training.runs import MissingRun, decode, encode, load_model, make_command
 
-# Each character is one forward pass of the model on up to block_size tokens, one thread: on a
-# laptop core about a millisecond for the default model, so 100,000 characters are minutes of
-# work, and 10^9 (a typo away) would be days. A longer text is several calls with other seeds.
+# Each character is one forward pass of the model on up to block_size tokens, one thread: 2.4 ms
+# of CPU for the default model on a loaded 2-core VM (docs/tiny_gpt.md has the command), so
+# 100,000 characters are minutes of work and 10^9 (a typo away) would be weeks. A longer text is
+# several calls with other seeds.
 MAX_TOKENS = 100_000
 # logits / temperature must stay finite in float32 (logits of tens over 1e-300 are inf, and the
 # softmax of inf is NaN); 1e-3 is already greedy to the float32 precision of the softmax.
