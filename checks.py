@@ -11,6 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+
+try:
+    # Python 3.11+; before, the same parser was the module sre_parse
+    from re import _parser as sre_parse
+except ImportError:
+    import sre_parse
 
 import torch
 
@@ -171,11 +178,6 @@ MAX_TARGET_PATTERN_REPEATS = 3
 
 def check_target_pattern(pattern: str, name: str) -> str:
     """`pattern` if it is a regular expression safe to match against untrusted names (above)."""
-    import re
-    try:
-        from re import _parser as sre_parse  # Python 3.11+
-    except ImportError:  # Python 3.10
-        import sre_parse
     if len(pattern) > MAX_TARGET_PATTERN_CHARS:
         raise ValueError(f"{name} is a regular expression of {len(pattern)} characters; at most "
                          f"{MAX_TARGET_PATTERN_CHARS}")
