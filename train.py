@@ -293,6 +293,11 @@ def print_report(rows: list[dict], note: str, models: list, vocab: str, out: str
               f"{100 * nf4_bytes / dense:.1f}% of their {dense:,} bytes in float32")
     for row in (row for row in rows if "paging" in row):
         print(f"{row['method']} paging:", ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
+    for row in (row for row in rows if "distributed" in row):  # under torchrun only
+        ddp = row["distributed"]
+        print(f"{row['method']} data parallel: {ddp['world_size']} ranks, {ddp['buckets']} "
+              f"buckets all-reduced a step; buffers {ddp['buffer_bytes']:,} bytes, "
+              f"{'broadcast before' if ddp['broadcast_buffers'] else 'not sent at'} each step")
     print_samples(dict(zip(["base"] + [row["method"] for row in rows], models)), vocab, out)
 
 
@@ -348,7 +353,7 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
     weights = os.path.join(out, weights_name(method))
     if world.launched:
         traffic = world.traffic[method]
-        allreduce = traffic.per_step[-1]
+        allreduce = traffic.per_step[-1] if traffic.per_step else None  # None: no step left
     else:
         x, y = get_batch(corpus.train, cfg.batch_size, cfg.block_size,
                          torch.Generator().manual_seed(cfg.seed))
