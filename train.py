@@ -297,7 +297,8 @@ def print_report(rows: list[dict], note: str, models: list, vocab: str, out: str
         ddp = row["distributed"]
         print(f"{row['method']} data parallel: {ddp['world_size']} ranks, {ddp['buckets']} "
               f"buckets all-reduced a step; buffers {ddp['buffer_bytes']:,} bytes, "
-              f"{'broadcast before' if ddp['broadcast_buffers'] else 'not sent at'} each step")
+              f"{'broadcast before' if ddp['broadcast_buffers'] else 'not sent at'} each step; "
+              f"DDP's pre-forward {ddp['pre_forward_ms'] or 0:.2f} ms (median)")
     print_samples(dict(zip(["base"] + [row["method"] for row in rows], models)), vocab, out)
 
 
@@ -366,7 +367,9 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
     if world.launched:
         row["distributed"] = dict(world_size=world.size, buckets=traffic.buckets,
                                   broadcast_buffers=traffic.broadcast_buffers,
-                                  buffer_bytes=traffic.buffer_bytes)
+                                  buffer_bytes=traffic.buffer_bytes, pre_forward_ms=(
+                                      1000 * statistics.median(traffic.pre_forward)
+                                      if traffic.pre_forward else None))
     if method == "qlora":
         report = qlora.qlora_memory_report(model, optimizer)
         row["nf4"] = dict(bytes=report["nf4_weights"] + report["nf4_statistics"],

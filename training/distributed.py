@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ class Traffic:
     buckets: int = 0                              # buckets in the last backward
     buffer_bytes: int = 0                         # bytes of the buffers DDP would broadcast
     broadcast_buffers: bool = False               # whether DDP broadcasts them at each forward
+    pre_forward: list = field(default_factory=list)  # seconds from DDP's forward to the model's
+    entered: float | None = None                  # when the running DDP forward began
 
 
 @dataclass
@@ -55,7 +58,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     launched: bool = False                        # started by torchrun (or its env variables)
-    broadcast_buffers: bool = False               # DDP's default; here only to measure its cost
+    broadcast_buffers: bool = False               # DDP defaults to True; on only to measure it
     traffic: dict = field(default_factory=dict)   # label -> Traffic of the models trained
 
     @property
@@ -147,8 +150,18 @@ def wrap(model: torch.nn.Module, world: World, label: str,
     traffic = Traffic(process_group=process_group, buffer_bytes=buffer_bytes,
                       broadcast_buffers=world.broadcast_buffers)
     ddp.register_comm_hook(traffic, counting_allreduce)
+    # DDP's own work before the model runs (the buffer broadcast, when on): from the wrapper's
+    # forward pre-hook to the model's (a forward of the model alone, as in evaluation, is not one)
+    ddp.register_forward_pre_hook(lambda *_: setattr(traffic, "entered", time.perf_counter()))
+    model.register_forward_pre_hook(lambda *_: model_entered(traffic))
     world.traffic[label] = traffic
     return ddp
+
+
+def model_entered(traffic: Traffic) -> None:
+    if traffic.entered is not None:
+        traffic.pre_forward.append(time.perf_counter() - traffic.entered)
+        traffic.entered = None
 
 
 def gather_random_states(world: World) -> list | None:
