@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
 
 import nf4
 from checks import check_bool, check_int
-from oracle_kit import golden
+from oracle_kit import golden, guards
 from oracle_kit.cases import EXAMPLES, STRATEGIES, case_inputs
 from oracle_kit.references import (
     ADAPTER_ARGS,
@@ -84,8 +84,13 @@ def compare(contract, expected: dict, got: dict, inputs: dict, atol: dict | None
             exact: bool = True) -> list:
     """A line per output that differs (empty: all agree). atol None: bit for bit."""
     problems = [f"{name}: unexpected output" for name in got if name not in expected]
+    device = guards.input_device(inputs)
     for name, want in expected.items():
         have = got.get(name)
+        if isinstance(have, torch.Tensor) and device is not None and have.device != device:
+            problems.append(f"{name}: expected on {device}, where the inputs are, got "
+                            f"{_describe(have)}")
+            continue
         dtype = inputs[name[5:]].dtype if name.startswith("grad_") else (
             inputs["x"].dtype if name == "y" else want.dtype)
         shape_ok = isinstance(have, torch.Tensor) and (have.shape == want.shape or (
@@ -126,7 +131,7 @@ def _describe(value) -> str:
 
 def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exact=True) -> None:
     """Run one case of `contract` on fn; raise Mismatch (an AssertionError) if it disagrees."""
-    device = str(torch.device(device))
+    device = guards.check_device(device)  # the caller's setup: an error, not a finding
     inputs = case_inputs(contract, case, device)
     expected = expected_outputs(contract, inputs, gradients)
     atol = adapter_tolerances(contract, inputs, expected, gradients) \
@@ -152,6 +157,7 @@ def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exac
 def _check(contract, fn, examples, device, derandomize, **options) -> dict:
     check_int(examples, "examples", low=0)
     check_bool(derandomize, "derandomize")
+    guards.check_device(device)  # before any case: no CUDA is the caller's problem
     tried = {"cases": 0}
 
     def one_case(case):

@@ -19,7 +19,7 @@ import sys
 import torch
 
 import nf4
-from formats import safetensors_io
+from formats import safe_open, safetensors_io
 from oracle_kit.cases import DTYPES, GOLDEN, case_inputs
 from oracle_kit.references import (
     ADAPTER_ARGS,
@@ -90,7 +90,7 @@ def write_golden(directory: str) -> int:
 def verify_case(directory: str, entry: dict) -> list:
     """What differs between one manifest entry's file and the reference on its stored inputs."""
     contract = {function: name for name, function in FUNCTIONS.items()}[entry["function"]]
-    tensors, _ = safetensors_io.load_file(os.path.join(directory, entry["file"]))
+    tensors, _ = safetensors_io.load_file(golden_file(directory, entry["file"]))
     inputs = inputs_from_file(contract, {k: tensors[k] for k in entry["inputs"]}, entry["args"])
     recomputed, args, _, outputs, _ = golden_case(contract, inputs)
     if sorted(outputs) != sorted(entry["outputs"]) or sorted(tensors) != sorted(recomputed):
@@ -111,6 +111,20 @@ def verify_case(directory: str, entry: dict) -> list:
     return problems
 
 
+def golden_file(directory: str, name) -> str:
+    """The path of a manifest's `file` entry, confined to `directory`: a plain file name (no
+    folder part, no "..", not absolute), and not a link out of the folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or os.path.isabs(name) \
+            or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+        raise ValueError(f"file {name!r} is not a plain file name in {directory} (a golden "
+                         f"folder's files lie in it)")
+    path = os.path.join(directory, name)
+    inside = os.path.realpath(directory)
+    if os.path.commonpath([inside, os.path.realpath(path)]) != inside:
+        raise ValueError(f"file {name!r} is a link out of {directory}")
+    return path
+
+
 def _digest(cases: list) -> str:
     """SHA-256 of the cases as canonical JSON: an edit of manifest.json shows."""
     return safetensors_io.sha256_hex(json.dumps(cases, sort_keys=True).encode())
@@ -119,14 +133,21 @@ def _digest(cases: list) -> str:
 def verify_golden(directory: str) -> list:
     """Recompute every case of directory/manifest.json: a line per case that differs."""
     try:
-        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
-            saved = json.load(file)
+        saved = safe_open.load_json(os.path.join(directory, "manifest.json"))
         manifest = saved["cases"]
-    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        if not isinstance(manifest, list):
+            raise TypeError("cases is not a list")
+    except ValueError as error:  # not a regular file, too big, not JSON: safe_open says which
+        return [f"manifest.json: unreadable ({error}); run golden again"]
+    except (KeyError, TypeError) as error:
         return [f"manifest.json: unreadable ({type(error).__name__}); run golden again"]
     failures = [] if saved.get("cases_sha256") == _digest(manifest) else [
         "manifest.json: cases_sha256 differs (edited or damaged); run golden again"]
     for entry in manifest:
+        if not isinstance(entry, dict):
+            failures.append(f"{str(entry)[:60]!r}: a case of the manifest is a JSON object, not "
+                            f"{type(entry).__name__}")
+            continue
         try:
             problems = verify_case(directory, entry)
         except Exception as error:  # a missing or corrupt file, or an entry it cannot read
@@ -145,11 +166,17 @@ def main(argv: list) -> int:
     if command == "golden" and os.path.exists(directory) and not os.path.isdir(directory):
         print(f"oracle.py: {directory} exists and is not a directory", file=sys.stderr)
         return 2
-    if command == "verify" and not os.path.isfile(os.path.join(directory, "manifest.json")):
+    if command == "verify" and not os.path.exists(os.path.join(directory, "manifest.json")):
         print(f"oracle.py: no manifest.json in {directory} (run golden first)", file=sys.stderr)
         return 2
     if command == "golden":
-        print(f"wrote {write_golden(directory)} cases and manifest.json to {directory}")
+        try:
+            count = write_golden(directory)
+        except OSError as error:  # a file in the way of the folder, a full or read-only disk
+            print(f"oracle.py: cannot write {error.filename or directory}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return 2
+        print(f"wrote {count} cases and manifest.json to {directory}")
         return 0
     failures = verify_golden(directory)
     for line in failures:

@@ -18,6 +18,7 @@ import lora
 import nf4
 import paged_optim
 import vera
+from oracle_kit import guards
 
 # The reference of each contract, called directly.
 REFERENCES = {
@@ -56,7 +57,60 @@ class Mismatch(AssertionError):
 
 
 def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dict:
-    """fn applied to `inputs` as the contract calls it: the outputs by name, as given."""
+    """fn applied to `inputs` as the contract calls it: the outputs by name, as given.
+
+    fn gets its own copies of the inputs; an input it changes (in the call or in the backward
+    pass) is a Mismatch naming the input and its first changed element (oracle_kit/guards.py).
+    """
+    if contract in ("nf4_quantize", "nf4_dequantize"):
+        given = {name: guards.candidate_copy(value) for name, value in inputs.items()}
+        outputs = _run_nf4(contract, fn, given)
+        _refuse_changed_inputs(inputs, given)
+        return outputs
+    if contract == "adamw_step":
+        param = inputs["param"].clone()
+        exp_avg = inputs["exp_avg"].clone()
+        exp_avg_sq = inputs["exp_avg_sq"].clone()
+        # grads is (steps, *shape): one call per step
+        for i, grad in enumerate(inputs["grads"]):
+            # fn's own grad, compared after the call: it must not change it
+            given = grad.clone()
+            fn(param, given, exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
+               inputs["betas"], inputs["eps"], inputs["weight_decay"])
+            name = f"grad (step {i + 1})"
+            _refuse_changed_inputs({name: grad}, {name: given})
+        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
+    trained = TRAINED[contract] if gradients else ()
+    leaves = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone().requires_grad_(name in trained)
+        leaves[name] = value
+    y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
+    _refuse_changed_inputs(inputs, leaves)
+    if not trained or not isinstance(y, torch.Tensor):
+        return {"y": y}
+    x = inputs["x"]
+    problem = guards.placement_problem("y", y, x.device, x.dtype, inputs["grad_out"].shape)
+    if problem:
+        # before the backward pass, which would only crash on it
+        raise Mismatch(problem)
+    if not y.requires_grad:
+        raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
+                       "custom backward in a torch.autograd.Function), or pass gradients=False")
+    y.backward(leaves["grad_out"])
+    # a backward pass that writes into an input
+    _refuse_changed_inputs(inputs, leaves)
+    return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
+
+
+def _refuse_changed_inputs(originals: dict, copies: dict) -> None:
+    problems = guards.changed_inputs(originals, copies)
+    if problems:
+        raise Mismatch(problems[0])
+
+
+def _run_nf4(contract: str, fn, inputs: dict) -> dict:
     if contract == "nf4_quantize":
         result = fn(inputs["w"], blocksize=inputs["blocksize"], double_quant=inputs["double_quant"])
         if isinstance(result, nf4.NF4Weight):
@@ -66,31 +120,7 @@ def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dic
                            "mapping with packed, absmax, nested_absmax, offset")
         return {name: result[name] for name in nf4.NF4Weight.TENSOR_FIELDS
                 if result.get(name) is not None}
-    if contract == "nf4_dequantize":
-        return {"dequantized": fn(inputs["q"], inputs["dtype"])}
-    if contract == "adamw_step":
-        param = inputs["param"].clone()
-        exp_avg = inputs["exp_avg"].clone()
-        exp_avg_sq = inputs["exp_avg_sq"].clone()
-        # grads is (steps, *shape): one call per step
-        for i, grad in enumerate(inputs["grads"]):
-            fn(param, grad.clone(), exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
-               inputs["betas"], inputs["eps"], inputs["weight_decay"])
-        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
-    trained = TRAINED[contract] if gradients else ()
-    leaves = {}
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().clone().requires_grad_(name in trained)
-        leaves[name] = value
-    y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
-    if not trained or not isinstance(y, torch.Tensor):
-        return {"y": y}
-    if not y.requires_grad:
-        raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
-                       "custom backward in a torch.autograd.Function), or pass gradients=False")
-    y.backward(leaves["grad_out"])
-    return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
+    return {"dequantized": fn(inputs["q"], inputs["dtype"])}
 
 
 def exact_inputs(inputs: dict, absolute: bool = False) -> dict:
