@@ -313,10 +313,9 @@ def test_dora_weight_of_a_zero_row_of_V_is_zero_not_nan(detach_norm):
        st.booleans())
 def test_dora_grads_by_hand_equal_autograd(out_features, in_features, seed, detach_norm,
                                            zero_row):
-    """∇_m L = c / n and ∇_V L = g ⊙ (G − (c/n²) ⊙ V) (eq. 7 and 6; with `detach_norm`, g ⊙ G:
-    section 4.3), c = Σ_in G ⊙ V, g = m / n, per output row; a zero row of V included. Against
-    autograd through W' = m ⊙ V / ||V|| in float64: only the order of the sums differs, so within
-    1e-12 of each result's terms' size."""
+    """dora.dora_grads' ∇_m L (eq. 7) and ∇_V L (eq. 6; with `detach_norm`, section 4.3's form),
+    per output row, a zero row of V included, against autograd through W' = m ⊙ V / ||V|| in
+    float64: only the order of the sums differs, so within 1e-12 of each result's terms' size."""
     V, m, G = random_direction(out_features, in_features, seed, zero_row)
     leaves = [V.clone().requires_grad_(True), m.clone().requires_grad_(True)]
     expected_V, expected_m = torch.autograd.grad(weight_from_direction(*leaves, detach_norm),

@@ -250,10 +250,9 @@ def random_vera(shape, seed, lead=(3, 2)):
 @pytest.mark.exercise("vera.vera_grads")
 @given(shape=layer_shapes(), seed=seeds, lead=st.sampled_from([(), (4,), (3, 2)]))
 def test_vera_grads_by_hand_equal_autograd(shape, seed, lead):
-    """dL/dλ_d = Σ_N (A x) ⊙ (B^T (λ_b ⊙ G)), dL/dλ_b = Σ_N G ⊙ (B (λ_d ⊙ A x)),
-    dL/dx = G W0 + A^T (λ_d ⊙ B^T (λ_b ⊙ G)) (vera.vera_grads) against autograd through eq. 2,
-    float64. Only the order of the sums differs: within 1e-12 of the size of each result's terms
-    (the same expression on absolute values), as the float64 bound in the module docstring."""
+    """vera.vera_grads' dL/dλ_d, dL/dλ_b and dL/dx against autograd through eq. 2, float64.
+    Only the order of the sums differs: within 1e-12 of the size of each result's terms (the same
+    expression on absolute values), as the float64 bound in the module docstring."""
     x, W, b, A, B, d, lam_b, G = random_vera(shape, seed, lead)
     leaves = [t.clone().requires_grad_(True) for t in (d, lam_b, x)]
     y = vera_rows(leaves[2], W, b, A, B, leaves[0], leaves[1])
