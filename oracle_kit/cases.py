@@ -45,6 +45,21 @@ ADAMW_GRADIENTS = ("normal", "tiny", "zero", "large")
 GRADIENT_SCALE = {"normal": 1.0, "tiny": 1e-10, "zero": 0.0, "large": 1e3}
 
 
+def normal(shape, generator) -> torch.Tensor:
+    """Float32 values of mean 0 and variance 1, nearly normal, the same bits on every build: the
+    sum of 12 uniform float32 values (multiples of 2^-24) less 6, exact in float64 and rounded
+    once (Irwin-Hall). torch.randn's vectorised Box-Muller differs in the last bit between CPU
+    capabilities, and the golden files must not."""
+    uniform = torch.rand((12, *shape), generator=generator)  # (12, *shape) float32
+    return (uniform.double().sum(dim=0) - 6).float()
+
+
+def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
+    """2^k for small integer k, float32, by lookup (exact; torch.exp2 need not be)."""
+    table = torch.tensor([2.0**k for k in range(-16, 17)])  # (33,)
+    return table[exponents.long() + 16]
+
+
 def _generator(case) -> torch.Generator:
     return torch.Generator().manual_seed(case["seed"])
 
@@ -146,9 +161,11 @@ def nf4_weight(case) -> torch.Tensor:
     generator, n, blocksize = _generator(case), math.prod(_shape(case)), case["blocksize"]
     nblocks = -(-n // blocksize)
     kind = case["values"]
-    flat = torch.randn(n, generator=generator)  # (n,)
+    flat = normal((n,), generator)  # (n,)
     if kind == "heavy":
-        flat = (flat * torch.exp(2 * torch.randn(n, generator=generator))).clamp(-6e4, 6e4)
+        # normal times 2^k, k a rounded normal of deviation 3: tails over many binades
+        exponents = (3 * normal((n,), generator)).round().clamp(-16, 16)
+        flat = (flat * _powers_of_two(exponents)).clamp(-6e4, 6e4)
     elif kind == "nf4_ties":
         code = nf4.nf4_code()
         pattern = torch.cat([_midpoints(code), -_midpoints(code), code])  # (46,)
@@ -157,7 +174,7 @@ def nf4_weight(case) -> torch.Tensor:
         flat = pattern[(position - position // blocksize - 1) % 46]  # (n,), cycling past the +-1s
         flat[::blocksize] = torch.randint(0, 2, (nblocks,), generator=generator) * 2.0 - 1  # +-1
         exponents = torch.randint(-4, 5, (nblocks,), generator=generator).float()
-        flat = flat * torch.exp2(exponents).repeat_interleave(blocksize)[:n]  # exact in float32
+        flat = flat * _powers_of_two(exponents).repeat_interleave(blocksize)[:n]  # exact
     elif kind == "zero_blocks":
         blocks = torch.arange(n) // blocksize  # (n,) block of each element
         flat[(blocks % 2 == 1) | (blocks == nblocks - 1)] = 0.0
@@ -231,7 +248,7 @@ def adapter_inputs(contract, case) -> dict:
     n_in, n_out, r = case["in_features"], case["out_features"], case["r"]
 
     def randn(*shape, scale=1.0):
-        return torch.randn(shape, generator=generator) * scale
+        return normal(shape, generator) * scale
 
     x = randn(*case["lead"], n_in)  # (..., in)
     weight = randn(n_out, n_in, scale=n_in**-0.5)  # (out, in)
@@ -247,8 +264,14 @@ def adapter_inputs(contract, case) -> dict:
     if contract == "dora_forward":
         if case["zero_row"]:  # a zero row of V: ||V|| = 0 there (PEFT's NaN, its issue 2049)
             inputs["weight"][0], B[0] = 0.0, 0.0
-        V = inputs["weight"].float() + case["scaling"] * B @ A  # (out, in)
-        magnitude = V.norm(dim=1) * (1 + 0.25 * randn(n_out))  # (out,): ||V|| perturbed
+        # ||V_i|| of V = W0 + s B A, each row in exact sums (math.fsum), rounded once: a matmul's
+        # or a norm's order of summation may depend on the build, the golden files may not
+        W0, s = inputs["weight"].double().tolist(), case["scaling"]
+        BA = [[[b * a for b, a in zip(B[i].double().tolist(), A[:, j].double().tolist())]
+               for j in range(n_in)] for i in range(n_out)]
+        norms = [math.sqrt(math.fsum(math.fsum([W0[i][j], *(s * t for t in BA[i][j])]) ** 2
+                                     for j in range(n_in))) for i in range(n_out)]
+        magnitude = torch.tensor(norms) * (1 + 0.25 * randn(n_out))  # (out,): ||V|| perturbed
         inputs["magnitude"] = magnitude
     inputs["grad_out"] = grad_out.to(dtype)
     return inputs
@@ -271,11 +294,11 @@ def adamw_inputs(case) -> dict:
     """param, grads (steps, *shape), the state before `step`, and the hyperparameters."""
     generator, shape = _generator(case), _shape(case)
     scale = GRADIENT_SCALE[case["gradients"]]
-    param = torch.randn(shape, generator=generator)
-    grads = torch.randn((case["steps"], *shape), generator=generator) * scale
+    param = normal(shape, generator)
+    grads = normal((case["steps"], *shape), generator) * scale
     late = case["step"] > 1  # at step 1 the state is AdamW's zeros; later a plausible history
-    exp_avg = torch.randn(shape, generator=generator) * scale * 0.1 * late
-    exp_avg_sq = (torch.randn(shape, generator=generator) * scale) ** 2 * late
+    exp_avg = normal(shape, generator) * scale * 0.1 * late
+    exp_avg_sq = (normal(shape, generator) * scale) ** 2 * late
     hyper = {name: case[name] for name in ("step", "lr", "betas", "eps", "weight_decay")}
     return {"param": param, "grads": grads, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, **hyper}
 

@@ -50,7 +50,8 @@ def blockwise(x, code, blocksize, nearest, divide_partial=True):
 
 def plain_quantize(w, blocksize=64, double_quant=True, nearest=nearest_by_midpoints,
                    nested_nearest=nearest_by_midpoints, high_first=True, absmax_dtype=None,
-                   divide_partial=True):
+                   divide_partial=True, nested_blocksize=256, nested_divide_partial=True,
+                   offset=None):
     indices, absmax = blockwise(w.reshape(-1).float(), nf4.nf4_code(), blocksize, nearest,
                                 divide_partial)
     if w.numel() % blocksize:
@@ -61,20 +62,23 @@ def plain_quantize(w, blocksize=64, double_quant=True, nearest=nearest_by_midpoi
     high, low = (pairs[:, 0], pairs[:, 1]) if high_first else (pairs[:, 1], pairs[:, 0])
     result = {"packed": (high * 16 + low).to(torch.uint8), "absmax": absmax}
     if double_quant:
-        offset = absmax.mean()
-        codes, nested = blockwise(absmax - offset, nf4.dynamic_code(), 256, nested_nearest,
-                                  divide_partial)
+        offset = absmax.mean() if offset is None else offset(absmax)
+        codes, nested = blockwise(absmax - offset, nf4.dynamic_code(), nested_blocksize,
+                                  nested_nearest, divide_partial and nested_divide_partial)
         result.update(absmax=codes.to(torch.uint8), nested_absmax=nested, offset=offset)
     return result
 
 
-def plain_dequantize(q, dtype, high_first=True, multiply_dtype=torch.float32, offset=True):
+def plain_dequantize(q, dtype, high_first=True, multiply_dtype=torch.float32, offset=True,
+                     nested_blocksize=256, nested_modulo=False):
     flat = q.packed.reshape(-1)
     pairs = [flat >> 4, flat & 15] if high_first else [flat & 15, flat >> 4]
     indices = torch.stack(pairs, dim=1).view(-1)[: q.numel].long()  # (n,)
     absmax = q.absmax
     if q.nested_blocksize is not None:  # dynamic[c] * c1 + offset, two float32 roundings
-        nested = q.nested_absmax.repeat_interleave(256)[: absmax.numel()]
+        block = torch.arange(absmax.numel(), device=flat.device)  # (nblocks,)
+        nested = q.nested_absmax[block % q.nested_absmax.numel() if nested_modulo else
+                                 (block // nested_blocksize).clamp(max=q.nested_absmax.numel() - 1)]
         absmax = nf4.dynamic_code().to(flat.device)[absmax.long()] * nested
         absmax = absmax + q.offset if offset else absmax
     scales = absmax.repeat_interleave(q.blocksize)[: q.numel].to(multiply_dtype)
@@ -83,7 +87,9 @@ def plain_dequantize(q, dtype, high_first=True, multiply_dtype=torch.float32, of
 
 
 def plain_lora(x, weight, bias, A, B, scaling, forget_scaling=False, scale_bias=False,
-               detach_x=False):
+               detach_x=False, in_base_dtype=False):
+    if in_base_dtype:  # every GEMM in the base's dtype, adapters included (a 16-bit kernel)
+        A, B = A.to(weight.dtype), B.to(weight.dtype)
     x32, b = x.to(A.dtype), None if bias is None else bias.to(A.dtype)
     low_rank = ((x32.detach() if detach_x else x32) @ A.t()) @ B.t()  # (..., r) @ (r, out)
     s = 1.0 if forget_scaling else scaling
@@ -104,7 +110,10 @@ def plain_dora(x, weight, bias, A, B, magnitude, scaling, scale_bias=False, deta
 
 
 def plain_vera(x, weight, bias, A, B, lambda_d, lambda_b, drop_lambda_b=False, detach_d=False,
-               per_rank=False):
+               per_rank=False, in_base_dtype=False):
+    if in_base_dtype:  # every GEMM and scaling in the base's dtype (a 16-bit kernel)
+        A, B = A.to(weight.dtype), B.to(weight.dtype)
+        lambda_d, lambda_b = lambda_d.to(weight.dtype), lambda_b.to(weight.dtype)
     x32 = x.to(A.dtype)
     hidden = (x32 @ A.t()) * (lambda_d.detach() if detach_d else lambda_d)  # (..., r)
     update = hidden @ B.t() * (1.0 if drop_lambda_b else lambda_b)  # (..., out)
