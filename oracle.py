@@ -122,11 +122,15 @@ def check_nf4_quantize(fn, examples=50, device="cpu", derandomize=True) -> dict:
     the (n+1)//2 bytes, e.g. bitsandbytes' column), absmax (float32, or uint8 codes with
     double_quant), nested_absmax and offset (float32, with double_quant only).
 
-    Tolerance: none, byte for byte: it is a storage format, and each rule is exact in float32
-    (s = x * (1/absmax), x / absmax in a partial last block; the nearest code by float32 midpoints,
-    a tie taking the lower code; offset = mean of the scales). Draws w of 1-3 rows, odd and even
-    counts, every blocksize 32..4096, float32/float16/bfloat16, values normal, heavy-tailed, on the
-    15 NF4 midpoints, zero blocks, on 84 midpoints of the 8-bit dynamic map.
+    Tolerance: none for packed and the 4-bit absmax, byte for byte: a storage format, and each
+    rule is exact in float32 (s = x * (1/absmax), x / absmax in a partial last block; the nearest
+    code by float32 midpoints, a tie taking the lower code). The offset, the mean of the scales,
+    within offset_tolerance_ulps(n) ulps of the correctly rounded mean (any summation order); the
+    nested codes and nested_absmax exact given the candidate's own offset (docs/oracle.md).
+    Draws w of 1-3 rows, 1-3 blocks or 300 and 700 (three nested blocks), every blocksize
+    32..4096, float32/float16/bfloat16, values normal, heavy-tailed, on the 15 NF4 midpoints, zero
+    blocks, on 84 midpoints of the 8-bit dynamic map, division ties in partial blocks and nested
+    blocks.
     """
     return _check("nf4_quantize", fn, examples, device, derandomize)
 
@@ -179,14 +183,15 @@ def check_adamw_step(fn, examples=50, device="cpu", derandomize=True, exact=True
     """fn(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay) updates the three
     tensors in place; it is called 1-3 times in a row, step counting from 1.
 
-    Tolerance: none (exact=True), torch.optim.AdamW's order, each operation rounded to float32 on
-    the inputs' device (paged_optim.adamw_step, bit-equal to torch.optim.AdamW(foreach=False)):
+    exact=True: none, torch.optim.AdamW's order, each operation rounded to float32 on the inputs'
+    device (paged_optim.adamw_step, bit-equal to torch.optim.AdamW(foreach=False)):
     param *= 1 - lr wd; exp_avg.lerp_(g, 1 - beta1); exp_avg_sq = beta2
     exp_avg_sq + (1 - beta2) g g; param -= lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq) /
-    sqrt(1 - beta2^t) + eps). The same math in another order (bias corrections on the moments, a
-    fused multiply-add) is a few ulps off: the message says so, and exact=False accepts it. Draws
-    float32 parameters up to 3x17, step 1 (zero state) to 10^6, normal, large, zero and tiny
-    gradients (eps dominates the denominator), decay on and off.
+    sqrt(1 - beta2^t) + eps). exact=False, the port contract: within a derived float32 error
+    bound of the exact float64 values (oracle_kit/contracts.py; float32 hyperparameters, folded
+    decay, FMAs, any correct sqrt pass; algorithmic mistakes do not). A failure names the first
+    call that diverged. Draws float32 parameters up to 3x17, step 1 (zero state) to 10^6,
+    normal, large, zero and tiny gradients (eps dominates the denominator), decay on and off.
     """
     return _check("adamw_step", fn, examples, device, derandomize, exact=exact)
 

@@ -251,3 +251,12 @@ def test_golden_files_and_tables_are_the_same_bytes_under_the_default_cpu_capabi
         with open(os.path.join(golden_dir[0], name), "rb") as a, \
                 open(os.path.join(directory, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_the_docs_numpy_port_is_the_tested_code():
+    with open(os.path.join(ROOT, "docs", "oracle.md"), encoding="utf-8") as file:
+        docs = file.read()
+    block = docs.split("## A port end to end, in numpy alone", 1)[1].split("```python\n")[1]
+    block = block.split("```", 1)[0]
+    with open(os.path.join(ROOT, "tests", "numpy_port.py"), encoding="utf-8") as file:
+        assert block.strip() and block in file.read()
