@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
 
 from checks import check_bool, check_int
-from oracle_kit import contracts, golden
+from oracle_kit import contracts, golden, guards
 from oracle_kit.cases import EXAMPLES, STRATEGIES, case_inputs
 from oracle_kit.comparing import compare_outputs, describe
 from oracle_kit.references import (
@@ -64,7 +63,7 @@ def _diverged_call(fn, inputs, exact) -> str:
 
 def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exact=True) -> None:
     """Run one case of `contract` on fn; raise Mismatch (an AssertionError) if it disagrees."""
-    device = str(torch.device(device))
+    device = guards.check_device(device)  # the caller's setup: an error, not a finding
     inputs = case_inputs(contract, case, device)
     got, problem = _run(contract, fn, inputs, gradients)
     expected = expected_outputs(contract, inputs, gradients, exact, got)
@@ -92,6 +91,7 @@ def check_case(contract: str, fn, case: dict, device="cpu", gradients=True, exac
 def _check(contract, fn, examples, device, derandomize, **options) -> dict:
     check_int(examples, "examples", low=0)
     check_bool(derandomize, "derandomize")
+    guards.check_device(device)  # before any case: no CUDA is the caller's problem
     tried = {"cases": 0}
 
     def one_case(case):

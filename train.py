@@ -5,11 +5,12 @@
     python train.py --quick            # a tiny model and a few steps (used by the tests)
 
 The texts (they ship with Python: nothing is downloaded), their tokens, and the run folder `--out`
-that this file fills are runs.py's; sample.py draws text from a finished run. This file reads
-top to bottom: config, batches, methods, optimizer, loop, report, main.
+that this file fills are training/runs.py's; sample.py draws text from a finished run. This file
+reads top to bottom: config, batches, methods, optimizer, loop, report, main.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,11 +30,11 @@ import nf4
 import qlora
 import vera
 from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
-from formats import safetensors_io
+from formats import safe_open, safetensors_io
 from paged_optim import PagedAdamW
 from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
-from training import distributed, memory
+from training import distributed, locks, memory
 from training.runs import (
     Corpus,
     CorruptFile,
@@ -480,8 +481,26 @@ def main(argv=None) -> list[dict]:
     options = check_options(parser, args, len(vocab), cfg)
     if in_the_way := occupied(args.out, options):
         parser.error(f"argument --out: {in_the_way} is in the way of what train.py writes there")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:  # a name too long, /proc, a read-only file system
+        parser.error(f"argument --out: cannot make {error.filename or args.out}: "
+                     f"{error.strerror or error}")
+    # RunBusy: another run trains one of them here; under torchrun rank 0 holds them for all
+    held = locks.MethodLocks(args.out, options) if world.is_main else None
+    try:
+        return train_methods(args, cfg, device, world, vocab, pre_text, options)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def train_methods(args, cfg: TrainConfig, device, world, vocab: str, pre_text: str,
+                  options: dict) -> list[dict]:
+    """What main does once the flags are checked and the methods' locks are held."""
     for where in [args.out] + [os.path.join(args.out, weights_name(m)) for m in METHODS]:
-        for path in safetensors_io.remove_stale_temporaries(where) if world.is_main else ():
+        for path in safetensors_io.remove_stale_temporaries(where, root=args.out) \
+                if world.is_main else ():
             print(f"removed {path}, left by an interrupted save", file=sys.stderr)
     distributed.barrier(world)  # no rank reads the folder while rank 0 tidies it
     pre, fine = make_corpus(pre_text, vocab), make_corpus(finetuning_text(), vocab)
@@ -490,7 +509,10 @@ def main(argv=None) -> list[dict]:
           f"mapped to UNK; device {device}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    base, base_info = pretrain(cfg, pre, args.out, device, world)
+    # a second run into this folder waits, then reuses the cache; under torchrun rank 0 alone
+    # writes the base, so it alone takes the folder's locks
+    with locks.shared_file_lock(args.out, "base") if world.is_main else contextlib.nullcontext():
+        base, base_info = pretrain(cfg, pre, args.out, device, world)
     if world.is_main:
         record(args.out, "base", dict(weights=None, seed=cfg.seed, base=base_info))
     pre_windows = eval_windows(pre.val, cfg.eval_batches, cfg.batch_size, cfg.block_size)
@@ -521,5 +543,26 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def cli(argv=None) -> int:
+    """main as a command: every failure of a file or folder is one line, Ctrl-C says how to go
+    on; returns the exit status (130 after Ctrl-C, as a shell reports SIGINT)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("train.py: interrupted; resume with --resume (the same flags and --resume continue "
+              "from the last checkpoint)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk, a file size limit, a read-only or vanished folder
+        where = f" {error.filename}" if error.filename else ""
+        print(f"train.py: cannot read or write{where}: {error.strerror or error}",
+              file=sys.stderr)
+        return 1
+    except (safe_open.NotRegularFile, CorruptFile, OtherRun, locks.RunBusy,
+            locks.RunFolderGone) as error:
+        print(f"train.py: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import nf4
-from oracle_kit import contracts
+from oracle_kit import contracts, guards
 from oracle_kit.references import raw_bits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -72,9 +72,14 @@ def describe(value) -> str:
 def compare_outputs(contract: str, expected: dict, got: dict, inputs: dict, rules: dict) -> list:
     """A line per output of `got` that breaks its rule (empty: all agree)."""
     problems = [f"{name}: unexpected output" for name in got if name not in expected]
+    device = guards.input_device(inputs)
     for name, want in expected.items():
         rule, have = rules[name], got.get(name)
         dtype = DTYPES[rule["dtype"]]
+        if isinstance(have, torch.Tensor) and device is not None and have.device != device:
+            problems.append(f"{name}: expected on {device}, where the inputs are, got "
+                            f"{describe(have)}")
+            continue
         if not _shape_ok(name, have, want) or have.dtype != dtype:
             problems.append(f"{name}: expected {dtype} {tuple(want.shape)}, got {describe(have)}")
             continue

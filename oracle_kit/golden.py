@@ -24,7 +24,7 @@ import sys
 import torch
 
 import nf4
-from formats import safetensors_io
+from formats import safe_open, safetensors_io
 from oracle_kit import contracts
 from oracle_kit.cases import DTYPES, GOLDEN, case_inputs
 from oracle_kit.comparing import compare_outputs
@@ -108,7 +108,7 @@ def write_golden(directory: str) -> int:
 def verify_case(directory: str, entry: dict) -> list:
     """What differs between one manifest entry's file and the reference on its stored inputs."""
     contract = CONTRACTS[entry["function"]]
-    tensors, _ = safetensors_io.load_file(os.path.join(directory, entry["file"]))
+    tensors, _ = safetensors_io.load_file(golden_file(directory, entry["file"]))
     inputs = inputs_from_file(contract, {k: tensors[k] for k in entry["inputs"]}, entry["args"])
     recomputed, args, _, outputs, rules = golden_case(contract, inputs)
     if sorted(outputs) != sorted(entry["outputs"]) or sorted(tensors) != sorted(recomputed):
@@ -129,6 +129,20 @@ def verify_case(directory: str, entry: dict) -> list:
     return problems
 
 
+def golden_file(directory: str, name) -> str:
+    """The path of a manifest's `file` entry, confined to `directory`: a plain file name (no
+    folder part, no "..", not absolute), and not a link out of the folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or os.path.isabs(name) \
+            or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+        raise ValueError(f"file {name!r} is not a plain file name in {directory} (a golden "
+                         f"folder's files lie in it)")
+    path = os.path.join(directory, name)
+    inside = os.path.realpath(directory)
+    if os.path.commonpath([inside, os.path.realpath(path)]) != inside:
+        raise ValueError(f"file {name!r} is a link out of {directory}")
+    return path
+
+
 def _digest(content: dict) -> str:
     """SHA-256 of the cases and tables as canonical JSON: an edit of manifest.json shows."""
     return safetensors_io.sha256_hex(json.dumps(content, sort_keys=True).encode())
@@ -137,17 +151,23 @@ def _digest(content: dict) -> str:
 def read_manifest(directory: str) -> tuple:
     """(cases, problems) of directory/manifest.json: problems name an unreadable or edited one."""
     try:
-        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
-            saved = json.load(file)
+        saved = safe_open.load_json(os.path.join(directory, "manifest.json"))
         manifest = saved["cases"]
+        if not isinstance(manifest, list):
+            raise TypeError("cases is not a list")
         content = {"cases": manifest, "tables": saved["tables"]}
-    except (ValueError, KeyError, TypeError, RecursionError) as error:
+    except ValueError as error:  # not a regular file, too big, not JSON: safe_open says which
+        return None, [f"manifest.json: unreadable ({error}); run golden again"]
+    except (KeyError, TypeError) as error:
         return None, [f"manifest.json: unreadable ({type(error).__name__}); run golden again"]
     problems = [] if saved.get("cases_sha256") == _digest(content) else [
         "manifest.json: cases_sha256 differs (edited or damaged); run golden again"]
     if saved["tables"] != tables():
         problems.append("manifest.json: tables differ from nf4.nf4_code() and nf4.dynamic_code()")
-    return manifest, problems
+    bad = [entry for entry in manifest if not isinstance(entry, dict)]
+    problems += [f"{str(entry)[:60]!r}: a case of the manifest is a JSON object, not "
+                 f"{type(entry).__name__}" for entry in bad]
+    return [entry for entry in manifest if isinstance(entry, dict)], problems
 
 
 def verify_golden(directory: str) -> list:
@@ -165,6 +185,7 @@ def verify_golden(directory: str) -> list:
 def compare_case(directory: str, candidates: str, entry: dict) -> list:
     """What breaks the contract in the candidate file of one manifest entry (empty: it matches)."""
     contract = CONTRACTS[entry["function"]]
+    golden_path = golden_file(directory, entry["file"])  # a plain name, checked
     path = os.path.join(candidates, entry["file"])
     if not os.path.isfile(path):
         return [f"no candidate file {path}"]
@@ -172,7 +193,7 @@ def compare_case(directory: str, candidates: str, entry: dict) -> list:
         theirs, _ = safetensors_io.load_file(path)
     except (OSError, ValueError) as error:
         return [f"candidate file {path} unreadable: {error}".splitlines()[0]]
-    tensors, _ = safetensors_io.load_file(os.path.join(directory, entry["file"]))
+    tensors, _ = safetensors_io.load_file(golden_path)
     inputs = inputs_from_file(contract, {k: tensors[k] for k in entry["inputs"]}, entry["args"])
     expected = {name: tensors[name] for name in entry["outputs"]}
     got = {name: theirs[name] for name in entry["outputs"] if name in theirs}
@@ -214,7 +235,7 @@ def _usage_problem(argv: list) -> str | None:
     directory = argv[1]
     if argv[0] == "golden" and os.path.exists(directory) and not os.path.isdir(directory):
         return f"{directory} exists and is not a directory"
-    if argv[0] != "golden" and not os.path.isfile(os.path.join(directory, "manifest.json")):
+    if argv[0] != "golden" and not os.path.exists(os.path.join(directory, "manifest.json")):
         return f"no manifest.json in {directory} (run golden first)"
     if argv[0] == "compare" and not os.path.isdir(argv[2]):
         return f"{argv[2]} is not a directory of candidate files"
@@ -228,7 +249,13 @@ def main(argv: list) -> int:
         return 2
     command, directory = argv[:2]
     if command == "golden":
-        print(f"wrote {write_golden(directory)} cases and manifest.json to {directory}")
+        try:
+            count = write_golden(directory)
+        except OSError as error:  # a file in the way of the folder, a full or read-only disk
+            print(f"oracle.py: cannot write {error.filename or directory}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return 2
+        print(f"wrote {count} cases and manifest.json to {directory}")
         return 0
     if command == "compare":
         lines, failures = compare_golden(directory, argv[2], argv[4] if len(argv) == 5 else None)

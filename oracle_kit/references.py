@@ -18,7 +18,7 @@ import lora
 import nf4
 import paged_optim
 import vera
-from oracle_kit import contracts
+from oracle_kit import contracts, guards
 
 # The reference of each contract, called directly.
 REFERENCES = {
@@ -66,18 +66,16 @@ class Mismatch(AssertionError):
 
 
 def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dict:
-    """fn applied to `inputs` as the contract calls it: the outputs by name, as given."""
-    if contract == "nf4_quantize":
-        result = fn(inputs["w"], blocksize=inputs["blocksize"], double_quant=inputs["double_quant"])
-        if isinstance(result, nf4.NF4Weight):
-            return result.tensors()
-        if not isinstance(result, Mapping):
-            raise Mismatch(f"returned {type(result).__name__}: expected an nf4.NF4Weight or a "
-                           "mapping with packed, absmax, nested_absmax, offset")
-        return {name: result[name] for name in nf4.NF4Weight.TENSOR_FIELDS
-                if result.get(name) is not None}
-    if contract == "nf4_dequantize":
-        return {"dequantized": fn(inputs["q"], inputs["dtype"])}
+    """fn applied to `inputs` as the contract calls it: the outputs by name, as given.
+
+    fn gets its own copies of the inputs; an input it changes (in the call or in the backward
+    pass) is a Mismatch naming the input and its first changed element (oracle_kit/guards.py).
+    """
+    if contract in ("nf4_quantize", "nf4_dequantize"):
+        given = {name: guards.candidate_copy(value) for name, value in inputs.items()}
+        outputs = _run_nf4(contract, fn, given)
+        _refuse_changed_inputs(inputs, given)
+        return outputs
     if contract == "adamw_step":
         return run_adamw_calls(fn, inputs)[-1]
     trained = TRAINED[contract] if gradients else ()
@@ -87,13 +85,40 @@ def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dic
             value = value.detach().clone().requires_grad_(name in trained)
         leaves[name] = value
     y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
+    _refuse_changed_inputs(inputs, leaves)
     if not trained or not isinstance(y, torch.Tensor):
         return {"y": y}
+    x = inputs["x"]
+    problem = guards.placement_problem("y", y, x.device, x.dtype, inputs["grad_out"].shape)
+    if problem:
+        # before the backward pass, which would only crash on it
+        raise Mismatch(problem)
     if not y.requires_grad:
         raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
                        "custom backward in a torch.autograd.Function), or pass gradients=False")
     y.backward(leaves["grad_out"])
+    # a backward pass that writes into an input
+    _refuse_changed_inputs(inputs, leaves)
     return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
+
+
+def _refuse_changed_inputs(originals: dict, copies: dict) -> None:
+    problems = guards.changed_inputs(originals, copies)
+    if problems:
+        raise Mismatch(problems[0])
+
+
+def _run_nf4(contract: str, fn, inputs: dict) -> dict:
+    if contract == "nf4_quantize":
+        result = fn(inputs["w"], blocksize=inputs["blocksize"], double_quant=inputs["double_quant"])
+        if isinstance(result, nf4.NF4Weight):
+            return result.tensors()
+        if not isinstance(result, Mapping):
+            raise Mismatch(f"returned {type(result).__name__}: expected an nf4.NF4Weight or a "
+                           "mapping with packed, absmax, nested_absmax, offset")
+        return {name: result[name] for name in nf4.NF4Weight.TENSOR_FIELDS
+                if result.get(name) is not None}
+    return {"dequantized": fn(inputs["q"], inputs["dtype"])}
 
 
 def run_adamw_calls(fn, inputs: dict) -> list:
@@ -104,8 +129,12 @@ def run_adamw_calls(fn, inputs: dict) -> list:
     states = []
     # grads is (steps, *shape): one call per step
     for i, grad in enumerate(inputs["grads"]):
-        fn(param, grad.clone(), exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
+        # fn's own grad, compared after the call: it must not change it
+        given = grad.clone()
+        fn(param, given, exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
            inputs["betas"], inputs["eps"], inputs["weight_decay"])
+        name = f"grad (step {i + 1})"
+        _refuse_changed_inputs({name: grad}, {name: given})
         states.append({"param_after": param.clone(), "exp_avg_after": exp_avg.clone(),
                        "exp_avg_sq_after": exp_avg_sq.clone()})
     return states
