@@ -164,16 +164,24 @@ def read_manifest(directory: str) -> tuple:
         "manifest.json: cases_sha256 differs (edited or damaged); run golden again"]
     if saved["tables"] != tables():
         problems.append("manifest.json: tables differ from nf4.nf4_code() and nf4.dynamic_code()")
-    bad = [entry for entry in manifest if not isinstance(entry, dict)]
-    problems += [f"{str(entry)[:60]!r}: a case of the manifest is a JSON object, not "
-                 f"{type(entry).__name__}" for entry in bad]
-    return [entry for entry in manifest if isinstance(entry, dict)], problems
+    return manifest, problems
+
+
+def _not_a_case(entry) -> str | None:
+    """The line for a manifest entry that is not a JSON object, else None."""
+    if isinstance(entry, dict):
+        return None
+    kind = type(entry).__name__
+    return f"{str(entry)[:60]!r}: a case of the manifest is a JSON object, not {kind}"
 
 
 def verify_golden(directory: str) -> list:
     """Recompute every case of directory/manifest.json: a line per case that differs."""
     manifest, failures = read_manifest(directory)
     for entry in manifest or []:
+        if _not_a_case(entry):
+            failures.append(_not_a_case(entry))
+            continue
         try:
             problems = verify_case(directory, entry)
         except Exception as error:  # a missing or corrupt file, or an entry it cannot read
@@ -209,6 +217,10 @@ def compare_golden(directory: str, candidates: str, only: str | None = None) -> 
     manifest, failures = read_manifest(directory)
     lines = [f"DIFFERS {line}" for line in failures]
     for entry in manifest or []:
+        if _not_a_case(entry):
+            lines.append(f"DIFFERS {_not_a_case(entry)}")
+            failures.append(lines[-1])
+            continue
         if only is not None and entry.get("function") != only:
             continue
         try:
