@@ -93,7 +93,8 @@ def test_verify_reads_no_fifo_and_nothing_outside_its_folder(tmp_path, no_hang, 
     names = ["../outside.safetensors", str(outside), "link.safetensors", "sub/x", "..", ""]
     cases = [{"file": name, "function": "nf4.quantize_nf4", "args": {}, "inputs": ["w"],
               "outputs": []} for name in names] + ["a string"]
-    manifest = {"cases": cases, "cases_sha256": oracle_kit.golden._digest(cases)}
+    content = {"cases": cases, "tables": oracle_kit.golden.tables()}
+    manifest = {**content, "cases_sha256": oracle_kit.golden._digest(content)}
     (golden / "manifest.json").write_text(json.dumps(manifest))
     assert oracle_kit.golden.main(["verify", str(golden)]) == 1
     lines = capsys.readouterr().out.splitlines()
