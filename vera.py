@@ -68,7 +68,8 @@ def vera_projections(r: int, max_in: int, max_out: int,
     `torch.Generator().manual_seed(seed)` draws A first, then B, each Kaiming-uniform as PEFT's
     vera `_kaiming_init` draws it (KAIMING_GAIN, fan_in the matrix's second dimension), on the
     CPU: the same seed gives PEFT's `vera_A`/`vera_B` bit for bit (`projection_prng_key`), and the
-    same bits on every device.
+    same bits on every device. The CPU generator seeds its Mersenne Twister from the seed's low 32
+    bits, so seeds that differ by a multiple of 2**32 draw the same pair (PEFT's too).
     """
     generator = torch.Generator().manual_seed(seed)
     drawn = []

@@ -30,7 +30,9 @@ from vera import VeRALinear, VeRAProjection
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 EXACT = dict(rtol=0, atol=0)
 
-seeds = st.integers(0, 2**32)
+# torch's CPU generator seeds its Mersenne Twister from the low 32 bits of the seed: seeds that
+# differ by a multiple of 2**32 draw the same matrices (vera.vera_projections says so).
+seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([torch.float32, torch.float64])
 
 
