@@ -75,6 +75,28 @@ def check_choice(value, name: str, choices) -> object:
     return value
 
 
+def check_instance(value, cls: type, name: str, made_by: str = "") -> object:
+    """TypeError unless value is a `cls`; `made_by` says where one comes from."""
+    if not isinstance(value, cls):
+        where = f" (from {made_by})" if made_by else ""
+        raise TypeError(f"{name} must be an instance of {cls.__name__}{where}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def check_dtype(dtype, name: str, dtypes) -> torch.dtype:
+    """TypeError unless dtype is one of `dtypes`."""
+    if dtype not in tuple(dtypes):
+        raise TypeError(f"{name} must be one of {', '.join(map(str, dtypes))}, got {dtype!r}")
+    return dtype
+
+
+def check_blocksize(blocksize, allowed, name: str = "blocksize") -> int:
+    """An int in `allowed` (NF4's: nf4.ALLOWED_BLOCKSIZES, bitsandbytes' powers of two)."""
+    return check_choice(check_int(blocksize, name, low=min(allowed), high=max(allowed)), name,
+                        allowed)
+
+
 def check_tensor(t, name: str, dtypes=None, ndim: int | None = None, finite: bool = False,
                  allow_meta: bool = False) -> torch.Tensor:
     """A torch.Tensor, optionally of one of `dtypes`, of `ndim` dimensions, without NaN/Inf.
@@ -94,6 +116,19 @@ def check_tensor(t, name: str, dtypes=None, ndim: int | None = None, finite: boo
     if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return t
+
+
+def check_stored(tensors: dict, expected: dict, context, finite: bool = True) -> None:
+    """Each stored tensor has its expected (dtype, numel), or is None where `expected` says False;
+    with finite=True, none is a meta tensor or holds NaN or Inf. `context` names the whole."""
+    for name, tensor in tensors.items():
+        wanted = expected[name]
+        got = None if tensor is None else (tensor.dtype, tensor.numel())
+        if got != (wanted or None):
+            raise ValueError(f"{name} must be {wanted or 'None'} (dtype, numel) for {context}, "
+                             f"got {got}")
+        if finite and tensor is not None:
+            check_tensor(tensor, name, finite=True)
 
 
 def check_features(x, in_features: int, name: str = "x") -> torch.Tensor:
@@ -222,3 +257,27 @@ def _repeats(tree, maxrepeat, name: str, pattern: str, inside_repeat: bool = Fal
         elif op == "ATOMIC_GROUP":
             count += _repeats(value, maxrepeat, name, pattern, inside_repeat)
     return count
+
+
+# The door for tensors a caller brings to dora.py's math (the oracle kit, a reader's experiment).
+def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
+    """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
+    share one floating dtype, and the scaling is a finite number."""
+    for name, t in (("A", A), ("B", B), ("magnitude", magnitude)):
+        check_tensor(t, name, allow_meta=True)
+    check_tensor(weight, "weight", ndim=2, allow_meta=True)  # (out, in)
+    out_features, in_features = weight.shape
+    if A.dim() != 2 or A.shape[1] != in_features:
+        raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
+    if B.shape != (out_features, A.shape[0]):
+        raise ValueError(f"B must have shape (out={out_features}, r={A.shape[0]}), "
+                         f"got {tuple(B.shape)}")
+    if magnitude.shape != (out_features,):
+        raise ValueError(f"magnitude must have shape (out={out_features},), "
+                         f"got {tuple(magnitude.shape)}")
+    if not A.is_floating_point() or B.dtype != A.dtype or magnitude.dtype != A.dtype:
+        raise TypeError(f"A, B and magnitude must share one floating dtype, got {A.dtype}, "
+                        f"{B.dtype}, {magnitude.dtype}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) \
+            or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite number, got {scaling!r}")

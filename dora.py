@@ -54,7 +54,6 @@ Per adapted layer DoRA trains r (in + out) + out parameters: LoRA's plus m.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
@@ -62,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import ALL_LINEAR, dense_weight, mark_only_adapters_trainable, replace_targets
-from checks import check_bool, check_tensor
+from checks import check_bool
 from fast_paths.low_rank import add_low_rank_
 from lora import LoRALinear, check_targets_rank
 
@@ -73,7 +72,7 @@ DORA_NORM_EPS = 1e-12
 
 # --------------------------------------------------------------------------------------------------
 # The math, in the paper's order: what an oracle user calls. No checks here: the layer built its
-# tensors itself, and a caller passing its own checks them once with check_dora_inputs.
+# tensors itself, and a caller passing its own checks them once with checks.check_dora_inputs.
 # Letters: N tokens (leading dims flattened), r rank.
 
 def dora_direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -158,32 +157,6 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     # AVX2 builds and not on others, and the oracle's golden values must not depend on the build
     y = g * direction if rest is None else rest.to(A.dtype) + g * direction
     return y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
-
-
-# --------------------------------------------------------------------------------------------------
-# The door for tensors a caller brings to the math above (the oracle kit, a reader's experiment).
-
-def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
-    """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
-    share one floating dtype, and the scaling is a finite number."""
-    for name, t in (("A", A), ("B", B), ("magnitude", magnitude)):
-        check_tensor(t, name, allow_meta=True)
-    check_tensor(weight, "weight", ndim=2, allow_meta=True)  # (out, in)
-    out_features, in_features = weight.shape
-    if A.dim() != 2 or A.shape[1] != in_features:
-        raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
-    if B.shape != (out_features, A.shape[0]):
-        raise ValueError(f"B must have shape (out={out_features}, r={A.shape[0]}), "
-                         f"got {tuple(B.shape)}")
-    if magnitude.shape != (out_features,):
-        raise ValueError(f"magnitude must have shape (out={out_features},), "
-                         f"got {tuple(magnitude.shape)}")
-    if not A.is_floating_point() or B.dtype != A.dtype or magnitude.dtype != A.dtype:
-        raise TypeError(f"A, B and magnitude must share one floating dtype, got {A.dtype}, "
-                        f"{B.dtype}, {magnitude.dtype}")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) \
-            or not math.isfinite(scaling):
-        raise TypeError(f"scaling must be a finite number, got {scaling!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import ClassVar, Optional
 import torch
 from scipy.stats import norm
 
-from checks import check_bool, check_choice, check_int, check_tensor
+import checks
 
 # Probability of the largest NF4 value (bitsandbytes `create_normal_map(offset=...)`; not in the
 # paper): about the mean of 1 - 1/32 and 1 - 1/30, the centres of the last of 16 and of 15 bins.
@@ -52,15 +52,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------- 1. code tables
 
 def linspace_float32(start: float, end: float, steps: int) -> torch.Tensor:
-    """torch.linspace(start, end, steps, dtype=torch.float32), the same bits on every build.
-
-    torch's points: with the float32 step h = (end - start) / (steps - 1), start + i h for the
-    first half and end - (steps - 1 - i) h for the rest. Here each is computed exactly in float64
-    (for float32 ends and steps <= 2^20 the product and the sum are exact) and rounded once to
-    float32. torch.linspace rounds the same way where it uses a fused multiply-add (AVX2 and
-    AVX-512 builds, whose dynamic map bitsandbytes' equals) and twice without one
-    (ATEN_CPU_CAPABILITY=default: 42 of the dynamic map's 256 values differ). docs/oracle.md pins
-    both tables in hex; tests/test_oracle_kit_golden.py runs the default build to check.
+    """torch.linspace(start, end, steps) in float32, the same bits on every build: each of torch's
+    points (start + i h, or end - (steps - 1 - i) h past the middle, h the float32 step) exact in
+    float64, rounded once, as torch's fused multiply-add builds round it (docs/oracle.md).
     """
     first, last = (torch.tensor(v, dtype=torch.float32) for v in (start, end))
     step = ((last - first) / (steps - 1)).double()  # float32 h, exactly in float64
@@ -200,11 +194,6 @@ def nf4_bits_per_parameter(blocksize: int = DEFAULT_BLOCKSIZE, double_quant: boo
 
 # ----------------------------------------------------------------------------- 5. the NF4 weight
 
-def check_blocksize(blocksize, name: str = "blocksize") -> int:
-    """An int in ALLOWED_BLOCKSIZES, the powers of two 32..4096 (bitsandbytes' quantize_4bit)."""
-    return check_choice(check_int(blocksize, name, low=32, high=4096), name, ALLOWED_BLOCKSIZES)
-
-
 @dataclass(frozen=True, eq=False)
 class NF4Weight:
     """A quantized tensor: in a module, register q.tensors() as buffers and keep q.metadata().
@@ -222,8 +211,8 @@ class NF4Weight:
 
     def __post_init__(self, check_values):
         object.__setattr__(self, "shape", torch.Size(self.shape))
-        check_blocksize(self.blocksize)
-        check_choice(self.nested_blocksize, "nested_blocksize", (None, NESTED_BLOCKSIZE))
+        checks.check_blocksize(self.blocksize, ALLOWED_BLOCKSIZES)
+        checks.check_choice(self.nested_blocksize, "nested_blocksize", (None, NESTED_BLOCKSIZE))
         nblocks = -(-self.numel // self.blocksize)
         nested = self.nested_blocksize is not None
         # name: (dtype, numel), or False where the field must be None
@@ -231,14 +220,8 @@ class NF4Weight:
                     "absmax": (torch.uint8 if nested else torch.float32, nblocks),
                     "nested_absmax": nested and (torch.float32, -(-nblocks // NESTED_BLOCKSIZE)),
                     "offset": nested and (torch.float32, 1)}
-        for name, wanted in expected.items():
-            tensor = getattr(self, name)
-            got = None if tensor is None else (tensor.dtype, tensor.numel())
-            if got != (wanted or None):
-                raise ValueError(f"{name} must be {wanted or 'None'} (dtype, numel) for "
-                                 f"{self.metadata()}, got {got}")
-            if check_values and tensor is not None:
-                check_tensor(tensor, name, finite=True)  # no meta tensors, no NaN or Inf scales
+        stored = {name: getattr(self, name) for name in expected}
+        checks.check_stored(stored, expected, self.metadata(), finite=check_values)
 
     @property
     def numel(self) -> int:
@@ -277,9 +260,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
                  double_quant: bool = True) -> NF4Weight:
     """NF4-quantize w (any shape; float32, float16 or bfloat16, finite): eq. 1 with the NF4 code,
     nibble packing, then double quantization of the scales."""
-    check_tensor(w, "w", dtypes=SUPPORTED_DTYPES, finite=True)
-    check_blocksize(blocksize)
-    check_bool(double_quant, "double_quant")
+    checks.check_tensor(w, "w", dtypes=SUPPORTED_DTYPES, finite=True)
+    checks.check_blocksize(blocksize, ALLOWED_BLOCKSIZES)
+    checks.check_bool(double_quant, "double_quant")
     indices, absmax = quantize_blockwise(w, _nf4_code(), blocksize)  # k_i, c_b
     if w.numel() % blocksize:
         # bitsandbytes' 4-bit path stores a partial last block's absmax clamped
@@ -303,11 +286,9 @@ def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
     """doubleDequant(c1, c2, W) (eq. 6), w^_i = q[k_i] * c_b: unpack, look up, scale; in float32,
     rounded once to dtype (default q.dtype, as bitsandbytes), in q.shape (bitsandbytes: (1, n)
     for 1-D on the CPU, issue 2047)."""
-    if not isinstance(q, NF4Weight):
-        raise TypeError(f"q must be an NF4Weight (from quantize_nf4), got {type(q).__name__}")
-    check_tensor(q.packed, "q.packed")  # a meta tensor has no data to dequantize
-    if (dtype := q.dtype if dtype is None else dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    checks.check_instance(q, NF4Weight, "q", made_by="quantize_nf4")
+    checks.check_tensor(q.packed, "q.packed")  # a meta tensor has no data to dequantize
+    dtype = checks.check_dtype(q.dtype if dtype is None else dtype, "dtype", SUPPORTED_DTYPES)
     indices = unpack_nibbles(q.packed, q.numel)  # (n,) uint8 k_i
     values = dequantize_blockwise(indices, block_scales(q), _nf4_code(), q.blocksize, dtype)
     return values.view(q.shape)

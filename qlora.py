@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import adapters
 import lora
 import nf4
-from checks import check_bool, check_features, check_int, check_tensor
+from checks import check_blocksize, check_bool, check_features, check_int, check_tensor
 from fast_paths.nf4_lookup import dequantize_nf4_chunked
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
@@ -264,7 +264,7 @@ def quantize_model(model: nn.Module, targets=adapters.ALL_LINEAR,
     """
     check_bool(double_quant, "double_quant")  # all checked before the first layer is replaced
     check_compute_dtype(compute_dtype)
-    nf4.check_blocksize(blocksize)
+    check_blocksize(blocksize, nf4.ALLOWED_BLOCKSIZES)
     if adapters.adapter_layers(model):
         raise ValueError("model already carries adapters: quantize the base before applying them")
     names = adapters.find_targets(model, targets)

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import adapters
+import checks
 import dora
 import lora
 from assertions import assert_gradcheck, assert_same
@@ -648,10 +649,10 @@ def test_bad_inputs_raise_clear_errors():
         ((W, A, B, m.tolist()), TypeError, "magnitude must be a torch.Tensor"),
     ]:
         with pytest.raises(error, match=pattern):
-            dora.check_dora_inputs(*args, 1.0)
+            checks.check_dora_inputs(*args, 1.0)
     with pytest.raises(TypeError, match="scaling"):
-        dora.check_dora_inputs(W, A, B, m, float("inf"))
-    dora.check_dora_inputs(W, A, B, m, 1.0)  # the good inputs pass
+        checks.check_dora_inputs(W, A, B, m, float("inf"))
+    checks.check_dora_inputs(W, A, B, m, 1.0)  # the good inputs pass
     with pytest.raises(ValueError, match="in_features=5"):
         dora.DoRALinear(base, 2, 1.0)(torch.randn(3, 6))
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
@@ -670,8 +671,8 @@ def test_inputs_are_checked_where_they_enter_not_on_every_forward(monkeypatch):
     """check_dora_inputs is the door for a caller's own tensors: neither the layer's forward
     (its tensors were made by its constructor) nor the math (dora_weight, dora_forward) runs it."""
     calls = []
-    check = dora.check_dora_inputs
-    monkeypatch.setattr(dora, "check_dora_inputs", lambda *args: calls.append(1) or check(*args))
+    check = checks.check_dora_inputs
+    monkeypatch.setattr(checks, "check_dora_inputs", lambda *args: calls.append(1) or check(*args))
     layer, x, _ = make_layer(dict(out_features=4, in_features=5, r=2, alpha=2.0, rslora=False,
                                   bias=True, dtype=torch.float32, seed=0, lead=(3,)))
     layer.train()
@@ -681,7 +682,7 @@ def test_inputs_are_checked_where_they_enter_not_on_every_forward(monkeypatch):
     dora.dora_forward(x, layer.base.weight, None, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
     dora.dora_weight(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
     assert calls == []
-    dora.check_dora_inputs(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
+    checks.check_dora_inputs(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
     assert calls == [1]
 
 

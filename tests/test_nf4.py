@@ -18,6 +18,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import checks
 import nf4
 import oracle
 from assertions import assert_same
@@ -630,8 +631,8 @@ def test_disallowed_blocksize_is_a_value_error(blocksize, message):
     with pytest.raises(ValueError, match=message):
         nf4.quantize_nf4(torch.ones(64), blocksize)
     with pytest.raises(ValueError, match="my_blocksize must be"):
-        nf4.check_blocksize(blocksize, "my_blocksize")
-    assert nf4.check_blocksize(64) == 64
+        checks.check_blocksize(blocksize, nf4.ALLOWED_BLOCKSIZES, "my_blocksize")
+    assert checks.check_blocksize(64, nf4.ALLOWED_BLOCKSIZES) == 64
 
 
 def test_both_code_tables_are_what_quantize_blockwise_assumes():
@@ -663,7 +664,8 @@ def test_double_quant_must_be_a_bool(double_quant):
 
 @pytest.mark.parametrize("q", [torch.zeros(64, dtype=torch.uint8), None, {"packed": 1}])
 def test_dequantize_needs_an_nf4_weight(q):
-    with pytest.raises(TypeError, match="q must be an NF4Weight \\(from quantize_nf4\\), got"):
+    with pytest.raises(TypeError,
+                       match="q must be an instance of NF4Weight \\(from quantize_nf4\\), got"):
         nf4.dequantize_nf4(q)
 
 
