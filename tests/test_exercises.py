@@ -136,7 +136,8 @@ def handout_texts(exercise) -> dict:
     docstring of the exercise's module and of its test files, in the handout."""
     copy = copies()["handout"][0]
     texts = {}
-    for name in ["README.md"] + [f"docs/{n}" for n in os.listdir(os.path.join(copy, "docs"))]:
+    pages = sorted(n for n in os.listdir(os.path.join(copy, "docs")) if n.endswith(".md"))
+    for name in ["README.md"] + [f"docs/{n}" for n in pages]:  # not docs/figures/
         with open(os.path.join(copy, name), encoding="utf-8") as file:
             texts[name] = visible(file.read())
     module = exercises.locate(exercise.name, copy)[0]
