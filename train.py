@@ -122,7 +122,8 @@ def prepare(method: str, base: GPT, opts: dict, seed: int) -> torch.nn.Module:
         return dora.apply_dora(base, opts["targets"], **low_rank)
     if method == "vera":
         return vera.apply_vera(base, opts["targets"], r=opts["rank"], seed=seed,
-                               dropout=opts["dropout"])
+                               dropout=opts["dropout"],
+                               d_initial=opts.get("d_initial", vera.DEFAULT_D_INITIAL))
     if method == "qlora":
         quant = opts.get("quantization", QUANTIZATION)
         qlora.quantize_model(base, opts["targets"], quant["blocksize"], quant["double_quant"],
