@@ -16,10 +16,10 @@ import sys
 import torch
 
 from checks import Parser, check_int, checked, writable_folder
-from papers import lora_experiments, runner
+from papers import lora_experiments, qlora_experiments, runner
 from papers.lora_experiments import magnitude_direction_change, subspace_similarity
 
-EXPERIMENTS = runner.collect(lora_experiments.EXPERIMENTS)
+EXPERIMENTS = runner.collect(lora_experiments.EXPERIMENTS, qlora_experiments.EXPERIMENTS)
 
 __all__ = ["EXPERIMENTS", "magnitude_direction_change", "subspace_similarity", "main"]
 
