@@ -349,20 +349,25 @@ def spike_table(result) -> str:
 
 def plot_spike(result, path) -> None:
     import matplotlib.pyplot as plt
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.6), sharex=True,
-                                      height_ratios=(2, 1))
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 5.6), sharex=True,
+                                              height_ratios=(2, 2, 1))
     steps = range(1, len(result["paged"]["steps"]) + 1)
-    mib = 2.0**20
-    for key, label, style in (("unpaged", "AdamW (unpaged)", "o-"),
-                              ("paged", "PagedAdamW", "s--")):
-        top.plot(steps, [r["peak"] / mib for r in result[key]["steps"]], style, ms=3,
-                 label=label)
-    top.axhline(result["budget"] / mib, color="r", lw=1, label="device budget")
+    budget, mib, kib = result["budget"], 2.0**20, 1024.0
+    runs = (("unpaged", "AdamW (unpaged)", "o-"), ("paged", "PagedAdamW", "s--"))
+    for key, label, style in runs:
+        peaks = [r["peak"] for r in result[key]["steps"]]
+        top.plot(steps, [p / mib for p in peaks], style, ms=3, label=label)
+        middle.plot(steps, [(p - budget) / kib for p in peaks], style, ms=3, label=label)
+    top.axhline(budget / mib, color="r", lw=1, label="device budget")
     top.set(ylabel="peak device MiB", title="paged-spike: device bytes per step (CPU count)")
     top.legend(fontsize=7)
-    bottom.bar(steps, [r["bytes_out"] / 1024 for r in result["paged"]["steps"]], color="tab:red",
+    excess = max(r["peak"] for r in result["unpaged"]["steps"]) - budget
+    middle.axhline(0, color="r", lw=1)
+    middle.set_ylim(-3 * excess / kib, 1.5 * excess / kib)  # normal steps lie below, off scale
+    middle.set(ylabel="peak - budget, KiB")
+    bottom.bar(steps, [r["bytes_out"] / kib for r in result["paged"]["steps"]], color="tab:red",
                label="paged out")
-    bottom.bar(steps, [-r["bytes_in"] / 1024 for r in result["paged"]["steps"]],
+    bottom.bar(steps, [-r["bytes_in"] / kib for r in result["paged"]["steps"]],
                color="tab:green", label="paged in (down)")
     bottom.set(xlabel="step", ylabel="KiB")
     bottom.legend(fontsize=7)
