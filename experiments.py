@@ -32,6 +32,8 @@ def build_parser() -> Parser:
                    help="seeds per configuration, 0..N-1 (default 3)")
     p.add_argument("--out", type=writable_folder, default="runs/experiments",
                    help="where NAME.json, NAME.png and the base's cache go (runs/experiments)")
+    p.add_argument("--figures", type=writable_folder,
+                   help="where NAME.png goes (default: --out), e.g. docs/figures")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
     return p
 
@@ -53,7 +55,8 @@ def main(argv=None) -> dict | None:
         parser.error("argument --device: CUDA is not available on this machine")
     try:
         return runner.run_experiment(experiment, "quick" if args.quick else "full",
-                                     range(args.seeds), args.out, args.device)
+                                     range(args.seeds), args.out, args.device,
+                                     figures=args.figures)
     except OSError as error:
         print(f"experiments.py: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
         raise SystemExit(1) from None

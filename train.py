@@ -121,9 +121,8 @@ def prepare(method: str, base: GPT, opts: dict, seed: int) -> torch.nn.Module:
     if method == "dora":
         return dora.apply_dora(base, opts["targets"], **low_rank)
     if method == "vera":
-        return vera.apply_vera(base, opts["targets"], r=opts["rank"], seed=seed,
-                               dropout=opts["dropout"],
-                               d_initial=opts.get("d_initial", vera.DEFAULT_D_INITIAL))
+        return vera.apply_vera(base, opts["targets"], opts["rank"], seed,
+                               opts.get("d_initial", vera.DEFAULT_D_INITIAL), opts["dropout"])
     if method == "qlora":
         quant = opts.get("quantization", QUANTIZATION)
         qlora.quantize_model(base, opts["targets"], quant["blocksize"], quant["double_quant"],

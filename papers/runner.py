@@ -175,14 +175,18 @@ class Context:
 
 
 def mean_std(values) -> dict:
-    """{"mean", "std" (sample standard deviation; None for one value), "values"}."""
-    values = [float(v) for v in values]
+    """{"mean", "std" (sample standard deviation; None for one value), "values"}; None values
+    (a correlation that is undefined) are left out of the mean, None when all are."""
+    values = [float(v) for v in values if v is not None]
+    mean = statistics.fmean(values) if values else None
     std = statistics.stdev(values) if len(values) > 1 else None
-    return dict(mean=statistics.fmean(values), std=std, values=values)
+    return dict(mean=mean, std=std, values=values)
 
 
 def pm(stats: dict, digits: int = 4) -> str:
     """"mean ± std" of a mean_std dict ("mean ± -" for one seed)."""
+    if stats["mean"] is None:
+        return "-"
     std = "-" if stats["std"] is None else f"{stats['std']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {std}"
 
@@ -228,9 +232,9 @@ def finite(tree):
 
 
 def run_experiment(experiment: Experiment, size: str, seeds, out: str, device="cpu",
-                   log=None) -> dict:
-    """Run `experiment` at `size` over `seeds`; print its table; write out/NAME.json (and .png).
-    Returns the JSON payload."""
+                   log=None, figures: str | None = None) -> dict:
+    """Run `experiment` at `size` over `seeds`; print its table; write out/NAME.json and
+    figures/NAME.png (`figures` defaults to `out`). Returns the JSON payload."""
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     ctx = Context(experiment.name, SIZES[size], seeds, out, device, log)
@@ -253,8 +257,10 @@ def run_experiment(experiment: Experiment, size: str, seeds, out: str, device="c
             print("matplotlib is not installed: no figure (the table and the JSON are written)")
         else:
             matplotlib.use("Agg")
-            figure = os.path.join(out, f"{experiment.name}.png")
-            temporary = os.path.join(out, f".{experiment.name}.tmp.png")
+            figures = figures or out
+            os.makedirs(figures, exist_ok=True)
+            figure = os.path.join(figures, f"{experiment.name}.png")
+            temporary = os.path.join(figures, f".{experiment.name}.tmp.png")
             experiment.plot(result, temporary)
             os.replace(temporary, figure)
             print(f"wrote {figure}")
