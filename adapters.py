@@ -1,24 +1,28 @@
 """What every adapter shares: the adapter base class, finding and replacing target linears,
-freezing, merging, and saving and loading adapters as directories in PEFT's format.
+freezing, and merging.
 
 LoRA (lora.py), DoRA (dora.py) and VeRA (vera.py) are each an `AdapterLinear`: a module that wraps a
 frozen `base` with `in_features`, `out_features`, a forward, and either a dense `weight`
 (nn.Linear) or a `dequantized_weight()` (a quantized base such as qlora.NF4Linear, which also sets
 `linear_like = True`). A subclass names its trainable tensors in `adapter_parameter_names`, computes
 `delta_weight()` and describes itself for files (`adapter_config`); everything here then works for
-it. The file format itself (keys, config fields, metadata) is in adapter_files.py.
+it. Adapter directories in PEFT's format (save_adapter, load_adapter, apply_saved_adapter) are in
+formats/adapter_files.py; what merge() remembers to refuse an edited merged state is in
+integrity/merge_record.py.
+
+Merging is W0 <- W0 + ΔW (LoRA, section 4.1: "we can explicitly compute and store W = W0 + BA");
+unmerging subtracts the same ΔW.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import re
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from checks import check_features, check_int, check_tensor
+from checks import check_features, check_tensor
+from integrity import merge_record
 
 ALL_LINEAR = "all-linear"
 # Linears that "all-linear" leaves alone: the output head (adapting the vocabulary projection is a
@@ -48,18 +52,6 @@ def base_dtype(base: nn.Module) -> torch.dtype:
     return quantized.dtype if quantized is not None else dense_weight(base).dtype
 
 
-def check_rank(r, in_features: int, out_features: int, layer: str) -> int:
-    """r >= 1 and r <= max(in, out). ΔW has rank at most min(in, out), so a larger r adds no rank;
-    ranks up to max(in, out) are accepted because PEFT accepts them (its files may use them), and
-    anything larger (a typo such as 10**6) is refused before it allocates."""
-    check_int(r, "r (the rank)", low=1)
-    if r > max(in_features, out_features):
-        raise ValueError(f"r (the rank) = {r} is larger than both widths of {layer} "
-                         f"({in_features} in, {out_features} out); ΔW has rank at most "
-                         f"min(in, out) = {min(in_features, out_features)}")
-    return r
-
-
 class AdapterLinear(nn.Module):
     """What every adapter shares: a frozen `base`, its shapes, and merge bookkeeping.
 
@@ -70,6 +62,7 @@ class AdapterLinear(nn.Module):
     (delta_inputs) and `unmerge()` refuses to subtract anything else: editing them while merged is
     an error. Their SHA-256 travels as `adapter_merged_digest`: a merged state dict whose adapter
     tensors are not those merged into its weight (edited while merged, then saved) is refused.
+    The machinery is integrity/merge_record.py.
     """
     adapter_parameter_names: tuple[str, ...] = ()
 
@@ -89,8 +82,9 @@ class AdapterLinear(nn.Module):
         self.out_features = base.out_features
         self.merged = False  # mirrors the buffer, so a forward never reads a (device) tensor
         self.register_buffer("adapter_merged", torch.tensor(False, device=W.device))
-        self.register_buffer("adapter_merged_digest", W.new_zeros(32, dtype=torch.uint8))
-        self._merged_values: dict[str, torch.Tensor] | None = None
+        self.register_buffer("adapter_merged_digest",
+                             W.new_zeros(merge_record.DIGEST_BYTES, dtype=torch.uint8))
+        self._merge_snapshot: dict[str, torch.Tensor] | None = None
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -98,13 +92,6 @@ class AdapterLinear(nn.Module):
     def delta_inputs(self) -> dict[str, torch.Tensor]:
         """The tensors delta_weight() is computed from (VeRA adds its shared pair)."""
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
-
-    def _delta_digest(self) -> torch.Tensor:
-        digest = hashlib.sha256()
-        for name, tensor in self.delta_inputs().items():
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(name.encode() + flat.view(torch.uint8).numpy().tobytes())
-        return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
     def adapter_config(self) -> dict:
         """The PEFT config fields (adapter_files.py) that describe this layer."""
@@ -138,19 +125,18 @@ class AdapterLinear(nn.Module):
         return self.base.weight
 
     def _set_merged(self, merged: bool) -> None:
+        """Set the flag and the merge record: copies of delta_inputs and their digest."""
         self.merged = merged
         self.adapter_merged.fill_(merged)
-        self._merged_values = {name: tensor.detach().clone() for name, tensor
-                               in self.delta_inputs().items()} if merged else None
-        self.adapter_merged_digest.copy_(self._delta_digest() if merged else 0)
+        if merged:
+            self._merge_snapshot = merge_record.snapshot(self.delta_inputs())
+            self.adapter_merged_digest.copy_(merge_record.digest(self.delta_inputs()))
+        else:
+            self._merge_snapshot = None
+            self.adapter_merged_digest.zero_()
 
     def _check_unchanged_since_merge(self) -> None:
-        for name, merged_value in (self._merged_values or {}).items():
-            now = getattr(self, name)
-            if not torch.equal(now, merged_value.to(now)):
-                raise ValueError(f"{name} changed while the adapter was merged: unmerging would "
-                                 "subtract a ΔW that was never added and leave W0 wrong; put the "
-                                 "merged values back (or reload the whole state dict) first")
+        merge_record.check_unchanged(self._merge_snapshot, self.delta_inputs())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -173,20 +159,18 @@ class AdapterLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        flag, digest = prefix + "adapter_merged", prefix + "adapter_merged_digest"
+        flag = prefix + "adapter_merged"
+        digest = prefix + "adapter_merged_digest"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        for key in (flag, digest):  # saved before the buffers existed (merging was not state)
-            if key not in state_dict and key in missing_keys:
-                missing_keys.remove(key)
+        merge_record.forgive_missing(state_dict, (flag, digest), missing_keys)
         if flag not in state_dict:
             self.adapter_merged.fill_(False)
         saved = self.adapter_merged_digest.clone() if digest in state_dict else None
-        self._set_merged(bool(self.adapter_merged))  # the digest of the tensors loaded now
-        if self.merged and saved is not None and not torch.equal(saved, self.adapter_merged_digest):
-            error_msgs.append(f"{prefix[:-1] or 'the layer'}: its adapter tensors are not those "
-                              "merged into its weight (edited while merged?): unmerging would "
-                              "leave W0 wrong; save the state unmerged")
+        # the record of the tensors loaded now, compared with the one that came with them
+        self._set_merged(bool(self.adapter_merged))
+        if self.merged and merge_record.edited_while_merged(saved, self.adapter_merged_digest):
+            error_msgs.append(merge_record.edited_message(prefix[:-1] or "the layer"))
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -307,37 +291,3 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not state:
         raise ValueError("model has no adapter layers")
     return state
-
-
-def matches_targets(name: str, target_modules) -> bool:
-    """PEFT's rule: a list holds names or suffixes ("q_proj" matches "blocks.0.attn.q_proj"); a
-    string is a regular expression the whole name must match; "all-linear": the tensors decide."""
-    if target_modules == ALL_LINEAR:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("model has no adapter layers to load into (apply_saved_adapter builds "
-                         "them)")
-    if any(layer.merged for layer in layers.values()):
-        raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
-                         "the old update)")
-    return layers
-
-
-# Adapter directories in PEFT's format (save_adapter, load_adapter, apply_saved_adapter, ...) live
-# in adapter_files.py, which imports this module and the methods' modules; reached from here on use.
-DIRECTORY_FUNCTIONS = ("save_adapter", "load_adapter", "apply_saved_adapter", "read_adapter",
-                       "saved_adapter", "base_fingerprint", "SavedAdapter")
-
-
-def __getattr__(name: str):
-    if name in DIRECTORY_FUNCTIONS:
-        import adapter_files
-        return getattr(adapter_files, name)
-    raise AttributeError(f"module 'adapters' has no attribute {name!r}")

@@ -32,12 +32,13 @@ import torch
 
 import adapters
 import nf4
-import qlora
-import safetensors_io
 import train
 import vera
 from checks import Parser, check_choice, check_int, checked
+from fast_paths.nf4_lookup import dequantize_nf4_chunked, quantize_nf4_chunked
+from formats import safetensors_io
 from paged_optim import PagedAdamW
+from training import memory
 
 GROUPS = ("nf4", "train", "infer", "paged", "memory", "sweep")
 METHODS = ("full", "lora", "qlora", "vera", "dora")
@@ -179,17 +180,25 @@ def shape_note(base, cfg) -> str:
 # ------------------------------------------------------------------------------------- row groups
 
 def bench_nf4(ctx) -> list:
-    """NF4 quantize / dequantize against bitsandbytes' (blocksize 64, double quantization), and
-    dequantize against a copy of its output's size: into a new tensor (as it returns) or not."""
+    """NF4 quantize / dequantize by the lookups of fast_paths/nf4_lookup.py against bitsandbytes'
+    (blocksize 64, double quantization) and against the references nf4.quantize_nf4 and
+    nf4.dequantize_nf4 (same bits); dequantize against a copy of its output's size: into a new
+    tensor (as it returns) or not."""
     bnb, side, rows = optional("bitsandbytes.functional"), ctx.nf4_side, []
     bnb_args = dict(blocksize=nf4.DEFAULT_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    code, dynamic = nf4.nf4_code(), nf4.dynamic_code()
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(SEED)
         w, src = (torch.randn(side, side, generator=g).to(ctx.device, dtype) for _ in range(2))
         q, dst, out = nf4.quantize_nf4(w), torch.empty_like(w), torch.empty_like(w)
-        calls = {"quantize": lambda: nf4.quantize_nf4(w), "copy_": lambda: dst.copy_(src),
-                 "dequantize": lambda: nf4.dequantize_nf4(q), "clone": src.clone,
-                 "dequantize into": lambda: nf4.dequantize_nf4(q, out=out)}
+        calls = {"quantize": lambda: quantize_nf4_chunked(w, nf4.DEFAULT_BLOCKSIZE, True, code,
+                                                          dynamic),
+                 "dequantize": lambda: dequantize_nf4_chunked(q, dtype, code, dynamic),
+                 "dequantize into": lambda: dequantize_nf4_chunked(q, dtype, code, dynamic,
+                                                                   out=out),
+                 "reference quantize": lambda: nf4.quantize_nf4(w),
+                 "reference dequantize": lambda: nf4.dequantize_nf4(q),
+                 "copy_": lambda: dst.copy_(src), "clone": src.clone}
         if bnb is not None:
             packed, state = bnb.quantize_4bit(w, **bnb_args)
             calls["bnb quantize"] = lambda: bnb.quantize_4bit(w, **bnb_args)
@@ -197,7 +206,9 @@ def bench_nf4(ctx) -> list:
         t, shape = measure(calls, ctx.repeats, ctx.sync), f"{str(dtype)[6:]} {side}x{side}"
         rows += [row("nf4", f"{case} {shape}", t[case], peer, t.get(key)) for case, peer, key in
                  [("quantize", "bitsandbytes", "bnb quantize"),
+                  ("quantize", "reference", "reference quantize"),
                   ("dequantize", "bitsandbytes", "bnb dequantize"),
+                  ("dequantize", "reference", "reference dequantize"),
                   ("dequantize", "copy, new tensor", "clone"),
                   ("dequantize into", "copy_, existing one", "copy_")]]
     return rows
@@ -238,8 +249,8 @@ def bench_infer(ctx) -> list:
                   "adapted": adapted, "merged": adapters.merge_adapters(adapted)}.items()}
         for rows_ in dict.fromkeys((cfg.batch_size, 1)):  # the training batch, one sequence
             x, _ = batch(cfg, ctx.vocab, ctx.device, rows_)
-            forward = lambda model: torch.no_grad()(lambda: model(x))
-            t = measure({k: forward(m) for k, m in models.items()}, 2 * ctx.repeats, ctx.sync)
+            t = measure({k: torch.no_grad()(lambda m=m: m(x)) for k, m in models.items()},
+                        2 * ctx.repeats, ctx.sync)
             for case in ("base copy", "adapted", "merged"):
                 label = "base copy" if case == "base copy" else f"{case} (lora)"
                 rows.append(row("infer", f"{name} {label} forward, {rows_}x{cfg.block_size}",
@@ -287,12 +298,13 @@ def bench_memory(ctx) -> list:
             mem, extra = train.training_memory(model, step.optimizer), {}
             note = ", ".join(f"{k} {train.human_bytes(mem[k])}" for k in MEMORY_PARTS)
             if method == "qlora":
-                bits = qlora.qlora_memory_report(model)["bits_per_parameter"]
+                bits = memory.qlora_memory_report(model)["bits_per_parameter"]
                 note += f"; NF4 base {bits:.3f} bits/param"
             if cuda:
                 extra["cuda_peak_bytes"] = peak = torch.cuda.max_memory_allocated(ctx.device)
                 note += f"; CUDA peak {train.human_bytes(peak)}"
-            full = mem["total"] if method == "full" else full  # METHODS starts with full
+            if method == "full":  # METHODS starts with full
+                full = mem["total"]
             rows.append(row("memory", f"{name} {method} train state", mem["total"],
                             *(() if method == "full" else ("our full", full)), unit="bytes",
                             note=note, bytes=mem, **extra))
@@ -325,7 +337,8 @@ BENCHES = dict(nf4=bench_nf4, train=bench_train, infer=bench_infer, paged=bench_
 def machine(device) -> str:
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
-        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+        cpu = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), cpu)
     cuda = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     peers = [f"{n} {m.__version__}" for n in ("peft", "bitsandbytes") if (m := optional(n))]
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "

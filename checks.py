@@ -100,7 +100,19 @@ def check_features(x, in_features: int, name: str = "x") -> torch.Tensor:
     return x
 
 
+def check_rank(r, in_features: int, out_features: int, layer: str) -> int:
+    """r >= 1 and r <= max(in, out). ΔW has rank at most min(in, out), so a larger r adds no rank;
+    ranks up to max(in, out) are accepted because PEFT accepts them (its files may use them), and
+    anything larger (a typo such as 10**6) is refused before it allocates."""
+    check_int(r, "r (the rank)", low=1)
+    if r > max(in_features, out_features):
+        raise ValueError(f"r (the rank) = {r} is larger than both widths of {layer} "
+                         f"({in_features} in, {out_features} out); ΔW has rank at most "
+                         f"min(in, out) = {min(in_features, out_features)}")
+    return r
+
 # --------------------------------------------------------------------------- command-line flags
+
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line ("train.py: argument --rank: must be ..."), status 2."""

@@ -56,8 +56,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import ALL_LINEAR, dense_weight, mark_only_adapters_trainable, replace_targets
-from checks import check_bool, check_features, check_tensor
-from lora import LoRALinear, add_low_rank_, check_targets_rank
+from checks import check_bool, check_tensor
+from fast_paths.low_rank import add_low_rank_
+from lora import LoRALinear, check_targets_rank
 
 # Floor on the row norm ||V|| in m / ||V||. 1e-12 is torch.nn.functional.normalize's eps; it is a
 # normal number in float32, float64 and bfloat16, and leaves every row with ||V|| >= 1e-12 exact.
@@ -65,30 +66,9 @@ DORA_NORM_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure functions: what an oracle user calls. Letters: N tokens (leading dims flattened), r rank.
-
-def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
-    """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
-    share one floating dtype, and the scaling is a finite number."""
-    for name, t in (("A", A), ("B", B), ("magnitude", magnitude)):
-        check_tensor(t, name, allow_meta=True)
-    check_tensor(weight, "weight", ndim=2, allow_meta=True)  # (out, in)
-    out_features, in_features = weight.shape
-    if A.dim() != 2 or A.shape[1] != in_features:
-        raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
-    if B.shape != (out_features, A.shape[0]):
-        raise ValueError(f"B must have shape (out={out_features}, r={A.shape[0]}), "
-                         f"got {tuple(B.shape)}")
-    if magnitude.shape != (out_features,):
-        raise ValueError(f"magnitude must have shape (out={out_features},), "
-                         f"got {tuple(magnitude.shape)}")
-    if not A.is_floating_point() or B.dtype != A.dtype or magnitude.dtype != A.dtype:
-        raise TypeError(f"A, B and magnitude must share one floating dtype, got {A.dtype}, "
-                        f"{B.dtype}, {magnitude.dtype}")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) \
-            or not math.isfinite(scaling):
-        raise TypeError(f"scaling must be a finite number, got {scaling!r}")
-
+# The math, in the paper's order: what an oracle user calls. No checks here: the layer built its
+# tensors itself, and a caller passing its own checks them once with check_dora_inputs.
+# Letters: N tokens (leading dims flattened), r rank.
 
 def dora_direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    scaling: float) -> torch.Tensor:
@@ -107,7 +87,6 @@ def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitud
 
     With `detach_norm` the norm is a constant for autograd (section 4.3), as in `dora_forward`.
     """
-    check_dora_inputs(weight, A, B, magnitude, scaling)
     V = dora_direction(weight, A, B, scaling)  # (out, in)
     norm = row_norm(V)  # (out,)
     if detach_norm:
@@ -151,20 +130,14 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     weight's dtype (x and b are cast to it, as a quantized base computes in its compute dtype),
     the rest in the adapters' dtype; y is returned in x's dtype.
     """
-    check_dora_inputs(weight, A, B, magnitude, scaling)
-    check_features(x, weight.shape[1])
-    return _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_norm)
-
-
-def _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_norm) -> torch.Tensor:
-    """dora_forward without its input checks: DoRALinear checked its tensors where they entered."""
     with torch.no_grad() if detach_norm else contextlib.nullcontext():
         norm = row_norm(dora_direction(weight, A, B, scaling))  # (out,): ||W0 + s B A|| per row
     g = magnitude / norm  # (out,): m / ||V||
     tokens = x.reshape(-1, x.shape[-1])  # (N, in)
     dropped = tokens if dropout is None else dropout(x).reshape(tokens.shape)  # (N, in): d(x)
     frozen = F.linear(dropped.to(weight.dtype), weight)  # (N, in) @ (in, out) -> (N, out): W0 d(x)
-    # V d(x) = W0 d(x) + s B A d(x): LoRA's fused add, into `frozen` (fresh, adapters' dtype)
+    # V d(x) = W0 d(x) + s B A d(x), added in place into the fresh `frozen` (fast_paths/low_rank.py;
+    # equal to lora.lora_forward's sum: tests/test_lora.py::test_forward_equals_formula)
     direction = add_low_rank_(frozen.to(A.dtype), dropped, A, B, scaling)  # (N, out)
     if dropout is None:
         rest = bias  # y = g ⊙ V x + b   ((F) with d(x) = x)
@@ -175,6 +148,32 @@ def _dora_forward(x, weight, bias, A, B, magnitude, scaling, dropout, detach_nor
     # y = rest + (m/||V||) ⊙ V d(x)   (F)
     y = g * direction if rest is None else torch.addcmul(rest.to(A.dtype), g, direction)
     return y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The door for tensors a caller brings to the math above (the oracle kit, a reader's experiment).
+
+def check_dora_inputs(weight, A, B, magnitude, scaling) -> None:
+    """TypeError/ValueError unless W0 is (out, in), A (r, in), B (out, r), m (out,), A, B and m
+    share one floating dtype, and the scaling is a finite number."""
+    for name, t in (("A", A), ("B", B), ("magnitude", magnitude)):
+        check_tensor(t, name, allow_meta=True)
+    check_tensor(weight, "weight", ndim=2, allow_meta=True)  # (out, in)
+    out_features, in_features = weight.shape
+    if A.dim() != 2 or A.shape[1] != in_features:
+        raise ValueError(f"A must have shape (r, in={in_features}), got {tuple(A.shape)}")
+    if B.shape != (out_features, A.shape[0]):
+        raise ValueError(f"B must have shape (out={out_features}, r={A.shape[0]}), "
+                         f"got {tuple(B.shape)}")
+    if magnitude.shape != (out_features,):
+        raise ValueError(f"magnitude must have shape (out={out_features},), "
+                         f"got {tuple(magnitude.shape)}")
+    if not A.is_floating_point() or B.dtype != A.dtype or magnitude.dtype != A.dtype:
+        raise TypeError(f"A, B and magnitude must share one floating dtype, got {A.dtype}, "
+                        f"{B.dtype}, {magnitude.dtype}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) \
+            or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite number, got {scaling!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,9 +265,9 @@ class DoRALinear(LoRALinear):
         # nn.Dropout is the identity in eval mode: take the one-GEMM form of (F) then.
         dropout = None if isinstance(self.lora_dropout, nn.Identity) or not self.training \
             else self.lora_dropout
-        return _dora_forward(x, dense_weight(self.base), getattr(self.base, "bias", None),
-                             self.lora_A, self.lora_B, self.magnitude, self.scaling, dropout,
-                             self.detach_norm)
+        return dora_forward(x, dense_weight(self.base), getattr(self.base, "bias", None),
+                            self.lora_A, self.lora_B, self.magnitude, self.scaling, dropout,
+                            self.detach_norm)
 
     def adapter_config(self) -> dict:
         return dict(super().adapter_config(), use_dora=True)

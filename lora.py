@@ -25,13 +25,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, check_rank, dense_weight,
-                      find_targets, mark_only_adapters_trainable, replace_targets)
-from checks import check_bool, check_number, check_probability
-
+from adapters import (
+    ALL_LINEAR,
+    AdapterLinear,
+    adapter_dtype,
+    dense_weight,
+    find_targets,
+    mark_only_adapters_trainable,
+    replace_targets,
+)
+from checks import check_bool, check_number, check_probability, check_rank
+from fast_paths.low_rank import add_low_rank_
 
 # --------------------------------------------------------------------------------------------------
 # The math, in the paper's order: what an oracle user calls.
+
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """alpha / r (LoRA, section 4.1), or alpha / sqrt(r) (rsLoRA)."""
@@ -77,34 +85,6 @@ def lora_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 # --------------------------------------------------------------------------------------------------
-# The fast path: eq. 3's sum in place, in one BLAS call. Equal to lora_forward up to the rounding
-# of that last multiply-add (tests/test_lora.py states the tolerance).
-
-def add_low_rank_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  scaling: float) -> torch.Tensor:
-    """y += scaling · x A^T B^T in y's memory, for y (N, out), x (N, in); returns y.
-
-    One `addmm_` applies the scaling to the small matmul and allocates no new (N, out) tensor
-    (out-of-place `torch.addmm` copies y first). So y must be a tensor nothing else holds, such as
-    a base layer's fresh output (autograd raises if a backward needs it). If y's dtype is not the
-    adapter's (bfloat16 base, float32 adapters), the sum is taken in a copy and rounded back.
-    """
-    if y.dtype != A.dtype:
-        return add_low_rank_(y.to(A.dtype), x, A, B, scaling).to(y.dtype)
-    projected = x.to(A.dtype) @ A.t()  # (N, in) @ (in, r) -> (N, r): A x
-    # h = W0 x + s B A x   (LoRA, eq. 3), with W0 x + b already in y
-    return y.addmm_(projected, B.t(), alpha=scaling)  # (N, out) += s (N, r) @ (r, out)
-
-
-def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 scaling: float) -> torch.Tensor:
-    """y + scaling · x A^T B^T for y (..., out), x (..., in), in y's dtype: y is left unchanged."""
-    out = y.reshape(-1, y.shape[-1]).to(A.dtype, copy=True)  # (N, out): y itself is left alone
-    add_low_rank_(out, x.reshape(-1, x.shape[-1]), A, B, scaling)
-    return out.view(y.shape).to(y.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # The layer.
 
 class LoRALinear(AdapterLinear):
@@ -118,7 +98,9 @@ class LoRALinear(AdapterLinear):
         check_number(alpha, "alpha", low=0, low_open=True)
         check_probability(dropout, "dropout")
         check_bool(rslora, "rslora")
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
         self.scaling = lora_scaling(r, alpha, rslora)
         W = dense_weight(base)
         dtype = adapter_dtype(W.dtype)
@@ -139,6 +121,8 @@ class LoRALinear(AdapterLinear):
         y = self.base(tokens)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
         if not self.merged:
             dropped = self.lora_dropout(x).reshape(tokens.shape)  # (N, in): d(x), on x's shape
+            # lora_forward's eq. 3, added in place into the fresh y (fast_paths/low_rank.py; equal
+            # within FAST_PATH_TOL: tests/test_lora.py::test_forward_equals_formula)
             y = add_low_rank_(y, dropped, self.lora_A, self.lora_B, self.scaling)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 

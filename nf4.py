@@ -2,8 +2,7 @@
 
 QLoRA (Dettmers et al. 2023, arXiv:2305.14314), section 3, stores frozen base weights in this
 format. The bytes equal bitsandbytes' `quantize_4bit(w, quant_type="nf4")` (0.50.2, tested); where
-it departs from the paper, the function that follows it says how. Sections 1-5: the math below as
-plain functions, in the paper's order; section 6: the fast paths. w: n values in blocks of B.
+it departs from the paper, the function that follows it says how. w: n values in blocks of B.
 
   NF4 code (sec. 3, "4-bit NormalFloat"), Phi^-1 the normal quantile function; 8 positive values,
   7 negative, an exact zero:
@@ -11,10 +10,15 @@ plain functions, in the paper's order; section 6: the fast paths. w: n values in
       q = sort{ Phi^-1(p_j) } U { -Phi^-1(p'_j) } U {0},  then q / max(q), in [-1, 1]
   blockwise absmax quantization (eq. 1):  c_b = max_{i in b} |w_i|,   s_i = w_i / c_b,
       k_i = #{ midpoints (q_k + q_k+1) / 2 below s_i }: the nearest code, a tie takes the lower
-      dequantize:   w^_i = q[k_i] * c_b
+  dequantization (eq. 2):   w^_i = q[k_i] * c_b
   double quantization (sec. 3): the scales c2 = c are quantized once more,
       offset = mean(c2),   (codes, c1) = blockwise(c2 - offset, 8-bit dynamic map, 256)
       c2^ = dynamic[codes] * c1 + offset                                    (doubleDequant, eq. 6)
+
+These are the references, written for reading. The same bits, faster (lookup tables, chunks that
+stay in cache), are fast_paths/nf4_lookup.py's, checked against these through oracle.py.
+Arguments are checked at the doors: quantize_nf4, dequantize_nf4 and NF4Weight (whose field
+checks make this file longer than 250 lines: the stored format's door).
 """
 import functools
 import math
@@ -26,14 +30,15 @@ from scipy.stats import norm
 
 from checks import check_bool, check_choice, check_int, check_tensor
 
-# ----------------------------------------------------------------------------- constants
 # Probability of the largest NF4 value (bitsandbytes `create_normal_map(offset=...)`; not in the
 # paper): about the mean of 1 - 1/32 and 1 - 1/30, the centres of the last of 16 and of 15 bins.
 NF4_OFFSET = 0.9677083
 NF4_POSITIVE_VALUES = 8  # "2^(k-1)+1 for the positive part" (sec. 3), counting zero
 NF4_NEGATIVE_VALUES = 7  # "2^(k-1) for the negative part", counting zero; one zero removed
 NF4_ZERO_INDEX = 7  # index of the exact 0.0; bitsandbytes pads an odd count with it
-NF4_BITS, DYNAMIC_BITS, FLOAT32_BITS = 4, 8, 32  # bits of a code, a nested code, a float32 scale
+NF4_BITS = 4  # bits of a code
+DYNAMIC_BITS = 8  # bits of a nested (scale) code
+FLOAT32_BITS = 32  # bits of a float32 scale
 ALLOWED_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32..4096, bitsandbytes' quantize_4bit
 DEFAULT_BLOCKSIZE = 64  # "blocksize of 64 for W" (sec. 3)
 NESTED_BLOCKSIZE = 256  # "blocksize of 256 for the second quantization" (sec. 3)
@@ -43,10 +48,13 @@ DYNAMIC_EXPONENT_BITS = 7  # bitsandbytes create_dynamic_map(signed=True, max_ex
 ABSMAX_FLOOR = 1e-38
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
 # ----------------------------------------------------------------------------- 1. code tables
+
 @functools.lru_cache(maxsize=None)
 def _nf4_code() -> torch.Tensor:
-    def quantiles(count):  # Phi^-1 at `count` float32 probabilities from NF4_OFFSET towards 1/2
+    def quantiles(count):
+        # Phi^-1 at `count` float32 probabilities from NF4_OFFSET towards 1/2
         probabilities = torch.linspace(NF4_OFFSET, 0.5, count + 1, dtype=torch.float32)[:-1]
         return torch.from_numpy(norm.ppf(probabilities.double().numpy())).float()
 
@@ -56,9 +64,11 @@ def _nf4_code() -> torch.Tensor:
     # bitsandbytes' construction, not the paper's eq. 4 (which averages neighbouring quantiles):
     return values / values.max()  # float32 division after float32 rounding
 
+
 def nf4_code() -> torch.Tensor:
     """The 16 NF4 values, float32, sorted, from -1.0 to 1.0 with 0.0 at NF4_ZERO_INDEX."""
     return _nf4_code().clone()
+
 
 @functools.lru_cache(maxsize=None)
 def _dynamic_code() -> torch.Tensor:
@@ -70,20 +80,20 @@ def _dynamic_code() -> torch.Tensor:
         values += [fractions * decade, -(fractions * decade)]  # float32 product, as bitsandbytes
     return torch.cat(values).sort().values  # (256,) from -0.99296875 to 1.0
 
+
 def dynamic_code() -> torch.Tensor:
     """Dettmers' signed 8-bit dynamic tree map: 256 float32 values, sorted, 0.0 and 1.0 included."""
     return _dynamic_code().clone()
 
+
 # ----------------------------------------------------------------------------- 2. blockwise absmax
-def check_blocksize(blocksize, name: str = "blocksize") -> int:
-    """An int in ALLOWED_BLOCKSIZES, the powers of two 32..4096 (bitsandbytes' quantize_4bit)."""
-    return check_choice(check_int(blocksize, name, low=32, high=4096), name, ALLOWED_BLOCKSIZES)
 
 def nearest_code_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """k = #{float32 midpoints (code[k] + code[k+1]) / 2 below s} (bucketize, right=False), uint8:
     the nearest code; a value exactly on a midpoint takes the lower one (bitsandbytes' strict >)."""
     midpoints = (code[:-1] + code[1:]) / 2  # (K-1,) float32
     return torch.bucketize(scaled, midpoints, right=False).to(torch.uint8)
+
 
 def blockwise_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """c_b = max_{i in b} |x_i| over x flattened: float32 (ceil(n / B),), the last block partial."""
@@ -94,38 +104,38 @@ def blockwise_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
         absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])  # (nblocks,)
     return absmax.float()  # exact: every float16 and bfloat16 value is a float32
 
+
 def scale_blocks(x: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """s_i = x_i * (1 / c_b) in float32, and x_i / c_b in a partial last block (bitsandbytes' CPU
     code; the two can differ in the last bit); c is clamped to ABSMAX_FLOOR. (n,) float32."""
-    flat, safe_absmax = x.reshape(-1), absmax.clamp(min=ABSMAX_FLOOR)
+    flat = x.reshape(-1)  # (n,)
+    safe_absmax = absmax.clamp(min=ABSMAX_FLOOR)
     full = flat.numel() - flat.numel() % blocksize
     reciprocal = safe_absmax[: full // blocksize].reciprocal().unsqueeze(1)  # (n_full / B, 1)
     scaled_full = flat[:full].view(-1, blocksize) * reciprocal  # (n_full / B, B) * (n_full / B, 1)
     scaled_last = flat[full:] / safe_absmax[full // blocksize:]  # (n - n_full,) / (0 or 1,)
     return torch.cat([scaled_full.view(-1), scaled_last])  # (n,)
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, name: str = "x",
-                       nearest=nearest_code_index):
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     """Blockwise absmax quantization of x to the nearest value of `code` (eq. 1): (indices uint8 of
-    x's shape, absmax float32 (ceil(n / B),)). NaN or Inf in x is a ValueError naming `name`."""
-    check_tensor(x, name, dtypes=SUPPORTED_DTYPES)
-    check_blocksize(blocksize)
-    if not bool((check_tensor(code, "code", (torch.float32,), ndim=1).diff() > 0).all()):
-        raise ValueError("code must be strictly increasing")
-    absmax = blockwise_absmax(x.detach(), blocksize)  # NaN and Inf reach their block's absmax
-    if not bool(torch.isfinite(absmax).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    indices = nearest(scale_blocks(x.detach(), absmax, blocksize), code.to(x.device))
+    x's shape, absmax float32 (ceil(n / B),)). `code` sorted, strictly increasing, float32."""
+    absmax = blockwise_absmax(x.detach(), blocksize)  # c_b
+    scaled = scale_blocks(x.detach(), absmax, blocksize)  # s_i = x_i / c_b
+    indices = nearest_code_index(scaled, code.to(x.device))  # k_i
     return indices.view(x.shape), absmax
+
 
 def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          blocksize: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x^_i = code[k_i] * c_b, a float32 product rounded once to `dtype`; indices' shape."""
+    """x^_i = code[k_i] * c_b (eq. 2), a float32 product rounded once to `dtype`; indices' shape."""
     values = code.to(indices.device)[indices.reshape(-1).long()]  # (n,) float32 q[k_i]
     scales = absmax.float().repeat_interleave(blocksize)[: values.numel()]  # (n,) c_b per element
     return (values * scales).to(dtype).view(indices.shape)
 
+
 # ----------------------------------------------------------------------------- 3. nibble packing
+
 def pack_nibbles(indices: torch.Tensor, pad_index: int = NF4_ZERO_INDEX) -> torch.Tensor:
     """Two 4-bit indices a byte: byte j = indices[2j] << 4 | indices[2j+1] (the even element in the
     high nibble); an odd count is padded with pad_index (the NF4 zero, as bitsandbytes)."""
@@ -135,15 +145,15 @@ def pack_nibbles(indices: torch.Tensor, pad_index: int = NF4_ZERO_INDEX) -> torc
     pairs = flat.view(-1, 2)  # ((n+1)//2, 2): column 0 the even elements, column 1 the odd ones
     return (pairs[:, 0] << 4) | pairs[:, 1]  # ((n+1)//2,)
 
+
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_nibbles: the first n indices, uint8, shape (n,)."""
-    if packed.dtype != torch.uint8 or not 0 <= n <= 2 * packed.numel():
-        raise ValueError(f"packed must be uint8 with at least n/2 bytes, got {packed.dtype} "
-                         f"with {packed.numel()} for n={n}")
     flat = packed.reshape(-1)  # (npacked,)
     return torch.stack([flat >> 4, flat & 0x0F], dim=1).view(-1)[:n]  # (npacked, 2) -> (n,)
 
+
 # ----------------------------------------------------------------------------- 4. double quant
+
 def double_quantize(absmax: torch.Tensor):
     """(codes uint8, nested_absmax float32 per 256 scales, offset float32 ()) for the scales c2.
 
@@ -152,13 +162,15 @@ def double_quantize(absmax: torch.Tensor):
     bitsandbytes' dynamic tree map (arXiv:1511.04561) with the exact nearest code (its CPU path
     approximates that: about 0.15% of its nested codes differ from ours)."""
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())  # () float32
-    codes, nested_absmax = quantize_blockwise(absmax - offset, _dynamic_code(), NESTED_BLOCKSIZE,
-                                              name="absmax")
+    codes, nested_absmax = quantize_blockwise(absmax - offset, _dynamic_code(), NESTED_BLOCKSIZE)
     return codes, nested_absmax, offset
 
-def double_dequantize(codes, nested_absmax, offset) -> torch.Tensor:
-    """c2^ = dynamic[codes] * c1 + offset (eq. 6), float32, two separately rounded operations."""
+
+def dequantize_scales(codes, nested_absmax, offset) -> torch.Tensor:
+    """The inverse of double_quantize, dequant(c1, c2) inside eq. 6: the block scales
+    c2^ = dynamic[codes] * c1 + offset, float32, two separately rounded operations."""
     return dequantize_blockwise(codes, nested_absmax, _dynamic_code(), NESTED_BLOCKSIZE) + offset
+
 
 def nf4_bits_per_parameter(blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> float:
     """Storage per weight of a large tensor (no odd-count pad, no offset): 4 + 32/64 = 4.5 bits,
@@ -166,7 +178,14 @@ def nf4_bits_per_parameter(blocksize: int = DEFAULT_BLOCKSIZE, double_quant: boo
     scale_bits = DYNAMIC_BITS + FLOAT32_BITS / NESTED_BLOCKSIZE if double_quant else FLOAT32_BITS
     return NF4_BITS + scale_bits / blocksize  # bits of one weight + its share of its scale's
 
+
 # ----------------------------------------------------------------------------- 5. the NF4 weight
+
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """An int in ALLOWED_BLOCKSIZES, the powers of two 32..4096 (bitsandbytes' quantize_4bit)."""
+    return check_choice(check_int(blocksize, name, low=32, high=4096), name, ALLOWED_BLOCKSIZES)
+
+
 @dataclass(frozen=True, eq=False)
 class NF4Weight:
     """A quantized tensor: in a module, register q.tensors() as buffers and keep q.metadata().
@@ -186,8 +205,10 @@ class NF4Weight:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         check_blocksize(self.blocksize)
         check_choice(self.nested_blocksize, "nested_blocksize", (None, NESTED_BLOCKSIZE))
-        nblocks, nested = -(-self.numel // self.blocksize), self.nested_blocksize is not None
-        expected = {"packed": (torch.uint8, (self.numel + 1) // 2),  # name: (dtype, numel) or None
+        nblocks = -(-self.numel // self.blocksize)
+        nested = self.nested_blocksize is not None
+        # name: (dtype, numel), or False where the field must be None
+        expected = {"packed": (torch.uint8, (self.numel + 1) // 2),
                     "absmax": (torch.uint8 if nested else torch.float32, nblocks),
                     "nested_absmax": nested and (torch.float32, -(-nblocks // NESTED_BLOCKSIZE)),
                     "offset": nested and (torch.float32, 1)}
@@ -232,119 +253,42 @@ class NF4Weight:
         """Measured storage, 8 * nbytes / numel (NaN for an empty tensor)."""
         return 8 * self.nbytes / self.numel if self.numel else math.nan
 
-def quantize_nf4_plain(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
-                       double_quant: bool = True) -> NF4Weight:
-    """NF4-quantize w (any shape; float32, float16 or bfloat16): eq. 1 with the NF4 code, nibble
-    packing, double quantization of the scales. NaN or Inf is a ValueError. The reference."""
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
+                 double_quant: bool = True) -> NF4Weight:
+    """NF4-quantize w (any shape; float32, float16 or bfloat16, finite): eq. 1 with the NF4 code,
+    nibble packing, then double quantization of the scales."""
+    check_tensor(w, "w", dtypes=SUPPORTED_DTYPES, finite=True)
+    check_blocksize(blocksize)
     check_bool(double_quant, "double_quant")
-    indices, absmax = quantize_blockwise(w, _nf4_code(), blocksize, name="w")
-    return _nf4_weight(pack_nibbles(indices), absmax, w, blocksize, double_quant)
-
-def _nf4_weight(packed, absmax, w, blocksize, double_quant) -> NF4Weight:  # w is finite
-    if w.numel() % blocksize:  # bitsandbytes' 4-bit path clamps a partial block's stored absmax
+    indices, absmax = quantize_blockwise(w, _nf4_code(), blocksize)  # k_i, c_b
+    if w.numel() % blocksize:
+        # bitsandbytes' 4-bit path stores a partial last block's absmax clamped
         absmax[-1:].clamp_(min=ABSMAX_FLOOR)
-    nested = double_quantize(absmax) if double_quant else (absmax, None, None)  # codes, c1, offset
-    return NF4Weight(packed, *nested, w.shape, w.dtype, blocksize,
-                     NESTED_BLOCKSIZE if double_quant else None, check_values=False)
+    if not double_quant:
+        return NF4Weight(pack_nibbles(indices), absmax, None, None, w.shape, w.dtype, blocksize,
+                         None, check_values=False)
+    codes, nested_absmax, offset = double_quantize(absmax)
+    return NF4Weight(pack_nibbles(indices), codes, nested_absmax, offset, w.shape, w.dtype,
+                     blocksize, NESTED_BLOCKSIZE, check_values=False)
 
-def dequantized_absmax(q: NF4Weight) -> torch.Tensor:
-    """The float32 block scales c_b of q, double-dequantized (eq. 6) when stored that way."""
-    nested = q.nested_blocksize is not None
-    return double_dequantize(q.absmax, q.nested_absmax, q.offset) if nested else q.absmax
 
-def _output_dtype(q, dtype) -> torch.dtype:
+def block_scales(q: NF4Weight) -> torch.Tensor:
+    """The float32 block scales c_b of q, dequantized from their codes (eq. 6) when stored so."""
+    if q.nested_blocksize is None:
+        return q.absmax
+    return dequantize_scales(q.absmax, q.nested_absmax, q.offset)
+
+
+def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """doubleDequant(c1, c2, W) (eq. 6), w^_i = q[k_i] * c_b: unpack, look up, scale; in float32,
+    rounded once to dtype (default q.dtype, as bitsandbytes), in q.shape (bitsandbytes: (1, n)
+    for 1-D on the CPU, issue 2047)."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q must be an NF4Weight (from quantize_nf4), got {type(q).__name__}")
     check_tensor(q.packed, "q.packed")  # a meta tensor has no data to dequantize
     if (dtype := q.dtype if dtype is None else dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return dtype
-
-def dequantize_nf4_plain(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """w^_i = q[k_i] * c_b: unpack, look up, scale; in float32, rounded once to dtype (default
-    q.dtype, as bitsandbytes), in q.shape (bitsandbytes: (1, n) for 1-D on the CPU, issue 2047)."""
-    dtype = _output_dtype(q, dtype)
-    indices = unpack_nibbles(q.packed, q.numel)  # (n,) uint8
-    values = dequantize_blockwise(indices, dequantized_absmax(q), _nf4_code(), q.blocksize, dtype)
+    indices = unpack_nibbles(q.packed, q.numel)  # (n,) uint8 k_i
+    values = dequantize_blockwise(indices, block_scales(q), _nf4_code(), q.blocksize, dtype)
     return values.view(q.shape)
-
-# ----------------------------------------------------------------------------- 6. fast paths
-# The bits of sections 2-5 with fewer passes over memory and fewer calls: work in chunks of whole
-# blocks that stay in cache, each result written once (fresh memory costs a page fault a page).
-QUANTIZE_CHUNK_VALUES = 1 << 15  # weights per chunk, rounded down to whole blocks (at least one)
-DEQUANTIZE_CHUNK_BYTES = 1 << 17  # packed bytes per chunk, rounded down to whole blocks likewise
-LOOKUP_BINS = 64  # bins of [-1, 1] for the nearest NF4 code: bin = trunc(32 s + 32), 32 s exact
-
-@functools.lru_cache(maxsize=None)
-def _fast_tables(device: torch.device) -> dict:
-    """The fast paths' tables on `device`, built once from the NF4 code."""
-    code, byte, half = _nf4_code(), torch.arange(256), LOOKUP_BINS // 2
-    midpoints = (code[:-1] + code[1:]) / 2  # (15,)
-    midpoint_bins = midpoints.mul(half).add(half).int()  # (15,) increasing strictly (tested)
-    count_below = torch.searchsorted(midpoint_bins, torch.arange(LOOKUP_BINS + 1).int())  # (65,)
-    midpoint_in_bin = torch.full((LOOKUP_BINS + 1,), math.inf).index_put_(  # (65,) inf: none
-        (midpoint_bins.long(),), midpoints)
-    # byte b: the float32 pair (q[b >> 4], q[b & 15]) as one int64, in memory order
-    pairs = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).view(torch.int64).view(256)
-    return dict(count_below=count_below.to(device, torch.uint8), pairs=pairs.to(device),
-                midpoint_in_bin=midpoint_in_bin.to(device), dynamic=_dynamic_code().to(device))
-
-def nearest_nf4_index_lookup(scaled: torch.Tensor) -> torch.Tensor:
-    """nearest_code_index(scaled, nf4_code()) for s in [-1 - 2^-22, 1 + 2^-22] (as scale_blocks
-    makes them) by two gathers and a compare: the bin map is monotone, so midpoints in lower bins
-    are below s, those in higher bins above; only the one in s's bin needs the (strict) compare."""
-    tables = _fast_tables(scaled.device)
-    bins = scaled.mul(LOOKUP_BINS // 2).add_(LOOKUP_BINS // 2).int().view(-1)  # (n,) as the tables
-    index = torch.index_select(tables["count_below"], 0, bins)  # (n,) midpoints in lower bins
-    above = scaled.view(-1) > torch.index_select(tables["midpoint_in_bin"], 0, bins)  # (n,)
-    return index.add_(above).view(scaled.shape)
-
-def quantize_nf4(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
-                 double_quant: bool = True) -> NF4Weight:
-    """quantize_nf4_plain(w, blocksize, double_quant), bit for bit (bitsandbytes' bytes, see the
-    module doc): chunk by chunk, each in cache, with nearest_nf4_index_lookup for the search."""
-    check_tensor(w, "w", dtypes=SUPPORTED_DTYPES)
-    check_bool(double_quant, "double_quant")
-    flat = w.detach().reshape(-1)  # (n,)
-    step = max(QUANTIZE_CHUNK_VALUES // check_blocksize(blocksize), 1) * blocksize  # whole blocks
-    absmax, packed = [w.new_empty(0, dtype=torch.float32)], [w.new_empty(0, dtype=torch.uint8)]
-    for chunk in flat.split(step):  # (m,), the last chunk may end in a partial block
-        indices, scales = quantize_blockwise(chunk, _nf4_code(), blocksize, name="w",
-                                             nearest=lambda s, _: nearest_nf4_index_lookup(s))
-        absmax.append(scales)
-        packed.append(pack_nibbles(indices))  # m is even but in the last chunk
-    return _nf4_weight(torch.cat(packed), torch.cat(absmax), w, blocksize, double_quant)
-
-def _dequantized_absmax_fast(q: NF4Weight) -> torch.Tensor:
-    """dequantized_absmax(q), bit for bit, in a few calls: scales padded to whole nested blocks."""
-    if q.nested_blocksize is None:
-        return q.absmax
-    scales = q.nested_absmax.new_empty(q.nested_absmax.numel(), NESTED_BLOCKSIZE)  # padded
-    codes, dynamic = q.absmax.int(), _fast_tables(q.absmax.device)["dynamic"]
-    torch.index_select(dynamic, 0, codes, out=scales.view(-1)[: codes.numel()])  # dynamic[codes]
-    # c2^ = dynamic[codes] * c1 + offset     (nnested, 256) * (nnested, 1) + ()
-    return scales.mul_(q.nested_absmax[:, None]).add_(q.offset).view(-1)[: codes.numel()]
-
-def dequantize_nf4(q: NF4Weight, dtype: Optional[torch.dtype] = None, *,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dequantize_nf4_plain(q, dtype) bit for bit, by chunks: a byte's values gathered as an int64
-    into a float32 buffer in cache, then scaled into a new tensor or `out` (q's shape, dense)."""
-    dtype = _output_dtype(q, dtype if out is None or dtype else check_tensor(out, "out").dtype)
-    if out is not None and (out.dtype, out.shape, out.device, out.is_contiguous()) != (
-            dtype, q.shape, q.packed.device, True):
-        raise ValueError(f"out must be contiguous, {dtype}, {tuple(q.shape)}, on {q.packed.device}")
-    absmax, table = _dequantized_absmax_fast(q), _fast_tables(q.packed.device)["pairs"]
-    n, blocksize, full = q.numel, q.blocksize, q.numel - q.numel % q.blocksize
-    dst = torch.empty(n, dtype=dtype, device=q.packed.device) if out is None else out.view(-1)
-    step = max(2 * DEQUANTIZE_CHUNK_BYTES // blocksize, 1) * blocksize  # values per chunk
-    work = torch.empty(min(step, full), device=dst.device)  # float32, reused chunk after chunk
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        packed = q.packed[start // 2: stop // 2].int()  # (m/2,) int32
-        torch.index_select(table, 0, packed, out=work.view(torch.int64)[: packed.numel()])  # q[k]
-        # w^ = q[k] * c_b     (m/B, B) * (m/B, 1), rounded once into the output's dtype
-        torch.mul(work[: stop - start].view(-1, blocksize), absmax[start // blocksize:
-                  stop // blocksize, None], out=dst[start:stop].view(-1, blocksize))
-    if full < n:  # the partial last block and the odd-count pad: q[k_i] * c_last
-        dst[full:] = table[q.packed[full // 2:].long()].view(torch.float32)[: n - full] * absmax[-1]
-    return dst.view(q.shape) if out is None else out

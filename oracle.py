@@ -1,138 +1,44 @@
 """The oracle kit: check a faster implementation against this project's reference, in any language.
 
-One checker per contract draws cases with Hypothesis (oracle_cases.py; the cases that catch known
-mistakes run first, whatever `examples` says), runs fn on inputs made on `device`, and raises
+One checker per contract draws cases with Hypothesis (oracle_kit/cases.py; the cases that catch
+known mistakes run first, whatever `examples` says), runs fn on inputs made on `device`, and raises
 AssertionError with the failing case (a drawn one shrunk), the first differing element and the
 lines that reproduce it; on success it returns what it tried. `derandomize=False`: new draws.
-Golden files for other languages: `python oracle.py golden DIR` and `verify DIR` (oracle_golden.py).
-How to use it, the tolerances and the traps: docs/oracle.md. The references are nf4.py (QLoRA,
-arXiv:2305.14314, sec. 3), lora.py (arXiv:2106.09685, eq. 3: h = W0 x + b + s B A x), dora.py
-(arXiv:2402.09353, eq. 5, the norm detached as in sec. 4.3), vera.py (arXiv:2310.11454, eq. 2:
+The contracts, their references and tolerances: oracle_kit/references.py. Golden files for other
+languages: `python oracle.py golden DIR` and `verify DIR` (oracle_kit/golden.py). How to use it,
+the tolerances and the traps: docs/oracle.md. The references are nf4.py (QLoRA, arXiv:2305.14314,
+sec. 3), lora.py (arXiv:2106.09685, eq. 3: h = W0 x + b + s B A x), dora.py (arXiv:2402.09353,
+eq. 5, the norm detached as in sec. 4.3), vera.py (arXiv:2310.11454, eq. 2:
 h = W0 x + b + Λ_b B Λ_d A x) and AdamW (arXiv:1711.05101, Algorithm 2, torch.optim.AdamW's order).
 """
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
 
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
 
-import dora  # the references are found by name in FUNCTIONS
-import lora  # noqa: F401
 import nf4
-import oracle_cases
-import paged_optim  # noqa: F401
-import vera  # noqa: F401
 from checks import check_bool, check_int
-from oracle_cases import case_inputs
+from oracle_kit import golden
+from oracle_kit.cases import EXAMPLES, STRATEGIES, case_inputs
+from oracle_kit.references import (
+    ADAPTER_ARGS,
+    FUNCTIONS,
+    Mismatch,
+    adapter_tolerances,
+    expected_outputs,
+    raw_bits,
+    run_contract,
+)
 
-# Tolerance, a multiple of the largest sum of absolute terms of each output (the formula on the
-# inputs' absolute values): n products summed in any order err by about sqrt(n) u that sum (u = eps
-# / 2), whatever the cancellation. float32, n <= 13 here: ~2e-7; 1e-6 leaves room, while one stray
-# 16-bit rounding (4e-3) fails. A 16-bit base: its GEMM rounds to 16 bits, the adapter sum once
-# more: 2u = eps, for every output of the case (float32 gradients too: they see the rounded W0 x).
-TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 # check_adamw_step(exact=False): the same AdamW arithmetic in another order (bias corrections on the
 # moments, fused multiply-adds) errs by a few float32 ulps a call; 1e-5 of the update is ~80 ulps
 INEXACT_RTOL = 1e-5
-ADAPTER_ARGS = {"lora_forward": ("x", "weight", "bias", "A", "B", "scaling"),
-                "dora_forward": ("x", "weight", "bias", "A", "B", "magnitude", "scaling"),
-                "vera_forward": ("x", "weight", "bias", "A", "B", "lambda_d", "lambda_b")}
-TRAINED = {"lora_forward": ("x", "A", "B"), "dora_forward": ("x", "A", "B", "magnitude"),
-           "vera_forward": ("x", "lambda_d", "lambda_b")}  # inputs whose gradients are checked
-FUNCTIONS = {"nf4_quantize": "nf4.quantize_nf4", "nf4_dequantize": "nf4.dequantize_nf4",
-             "lora_forward": "lora.lora_forward", "dora_forward": "dora.dora_forward",
-             "vera_forward": "vera.vera_forward", "adamw_step": "paged_optim.adamw_step"}
-
-
-class Mismatch(AssertionError):
-    """The candidate disagrees with the reference on one case."""
-
-
-# ----------------------------------------------------------------------------- running a contract
-def _reference(contract):
-    module, name = FUNCTIONS[contract].split(".")  # each module is imported above
-    return getattr(sys.modules[module], name)
-
-
-def run_contract(contract: str, fn, inputs: dict, gradients: bool = True) -> dict:
-    """fn applied to `inputs` as the contract calls it: the outputs by name, as given."""
-    if contract == "nf4_quantize":
-        result = fn(inputs["w"], blocksize=inputs["blocksize"], double_quant=inputs["double_quant"])
-        if isinstance(result, nf4.NF4Weight):
-            return result.tensors()
-        if not isinstance(result, Mapping):
-            raise Mismatch(f"returned {type(result).__name__}: expected an nf4.NF4Weight or a "
-                           "mapping with packed, absmax, nested_absmax, offset")
-        return {name: result[name] for name in nf4.NF4Weight.TENSOR_FIELDS
-                if result.get(name) is not None}
-    if contract == "nf4_dequantize":
-        return {"dequantized": fn(inputs["q"], inputs["dtype"])}
-    if contract == "adamw_step":
-        param, exp_avg, exp_avg_sq = (inputs[k].clone() for k in ("param", "exp_avg", "exp_avg_sq"))
-        for i, grad in enumerate(inputs["grads"]):  # (steps, *shape): one call per step
-            fn(param, grad.clone(), exp_avg, exp_avg_sq, inputs["step"] + i, inputs["lr"],
-               inputs["betas"], inputs["eps"], inputs["weight_decay"])
-        return {"param_after": param, "exp_avg_after": exp_avg, "exp_avg_sq_after": exp_avg_sq}
-    trained = TRAINED[contract] if gradients else ()
-    leaves = {name: value.detach().clone().requires_grad_(name in trained)
-              if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
-    y = fn(*(leaves[name] for name in ADAPTER_ARGS[contract]))
-    if not trained or not isinstance(y, torch.Tensor):
-        return {"y": y}
-    if not y.requires_grad:
-        raise Mismatch("y does not require grad: fn must be differentiable by torch.autograd (a "
-                       "custom backward in a torch.autograd.Function), or pass gradients=False")
-    y.backward(leaves["grad_out"])
-    return {"y": y.detach(), **{f"grad_{name}": leaves[name].grad for name in trained}}
-
-
-def _exact_inputs(inputs: dict, absolute: bool = False) -> dict:
-    def convert(value):
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().double()
-            return value.abs() if absolute else value
-        return abs(value) if absolute and isinstance(value, (int, float)) else value
-    return {name: convert(value) for name, value in inputs.items()}
-
-
-def expected_outputs(contract: str, inputs: dict, gradients: bool = True) -> dict:
-    """The reference's outputs on the CPU: float64 exact values for the adapters, else bits."""
-    if contract in ADAPTER_ARGS:
-        return run_contract(contract, _reference(contract), _exact_inputs(inputs), gradients)
-    if contract == "adamw_step":  # torch's operation order on the inputs' own device
-        return {k: v.cpu() for k, v in run_contract(contract, _reference(contract), inputs).items()}
-    cpu = {k: v.to("cpu") if isinstance(v, (torch.Tensor, nf4.NF4Weight)) else v
-           for k, v in inputs.items()}
-    return run_contract(contract, _reference(contract), cpu)
-
-
-def adapter_tolerances(contract: str, inputs: dict, expected: dict, gradients=True) -> dict:
-    """atol of each output: TOLERANCE[base dtype] x its largest sum of absolute terms (above); for
-    DoRA also x the condition of the row norms, max ||(|W0| + s |B| |A|)_i|| / ||V_i||: cancellation
-    in V = W0 + s B A leaves ||V|| relatively inexact, and it divides every output."""
-    exact, absolute = _exact_inputs(inputs), _exact_inputs(inputs, True)
-    on_absolute = run_contract(contract, _reference(contract), absolute, gradients)
-    tolerance = TOLERANCE[inputs["weight"].dtype]
-    if contract == "dora_forward":
-        norms = [torch.linalg.vector_norm(t["weight"] + t["scaling"] * t["B"] @ t["A"], dim=1)
-                 for t in (exact, absolute)]  # (out,) each; a zero row of V is 0 / 0 -> 0
-        tolerance *= max(1.0, (norms[1] / norms[0].clamp_min(dora.DORA_NORM_EPS)).max().item())
-    return {name: tolerance * max(expected[name].abs().max().item(),
-                                  on_absolute[name].abs().max().item(), 0.0)
-            for name in expected if expected[name].numel()}
 
 
 # ----------------------------------------------------------------------------- comparing
-def raw_bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of t, flattened, as int64: equal only where the bits are (-0.0 != 0.0)."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[
-        t.element_size()]).long()
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The bit patterns of t as ordered integers: adjacent floats differ by 1 (-0.0 and 0.0: 0)."""
     bits = raw_bits(t)
@@ -254,8 +160,8 @@ def _check(contract, fn, examples, device, derandomize, **options) -> dict:
         for key, value in case.items():
             tried.setdefault(key, set()).add(value)
 
-    test = given(case=oracle_cases.STRATEGIES[contract]())(one_case)
-    for case in reversed(oracle_cases.EXAMPLES[contract]):
+    test = given(case=STRATEGIES[contract]())(one_case)
+    for case in reversed(EXAMPLES[contract]):
         test = example(case=case)(test)
     phases = tuple(Phase) if examples else (Phase.explicit,)
     test = settings(max_examples=max(examples, 1), derandomize=derandomize, database=None,
@@ -345,6 +251,6 @@ def check_adamw_step(fn, examples=50, device="cpu", derandomize=True, exact=True
     return _check("adamw_step", fn, examples, device, derandomize, exact=exact)
 
 
-if __name__ == "__main__":  # python oracle.py golden DIR | verify DIR: see oracle_golden.py
-    import oracle_golden
-    sys.exit(oracle_golden.main(sys.argv[1:]))
+if __name__ == "__main__":
+    # python oracle.py golden DIR | verify DIR: see oracle_kit/golden.py
+    sys.exit(golden.main(sys.argv[1:]))

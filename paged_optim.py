@@ -8,20 +8,25 @@ alpha = 1, so the decay is lr * lambda); t counts updates from 1:
                                                         v_hat = v_t / (1 - beta2^t)  (lines 9-12)
 Elementwise: a tensor cut into pages updates to the same bits. Paging as in QLoRA (Dettmers et al.,
 arXiv 2305.14314, section 3) by copies that `PageTable` decides (bitsandbytes: CUDA unified memory).
-No amsgrad, maximize, fused, tensor lr, complex parameters."""
-import contextlib
+No amsgrad, maximize, fused, tensor lr, complex parameters. Speed-ups live in fast_paths/ (foreach
+update, runs and copies, CUDA side stream). 300 lines: AdamW's state dict, loaded with checks.
+"""
 import dataclasses
 from collections import OrderedDict, defaultdict
 
 import torch
 
 from checks import check_int, check_number, check_tensor
+from fast_paths.adamw_foreach import adamw_step_foreach, supported
+from fast_paths.paging import copy_in, copy_out, cut_runs, gather, overlapped_runs
+from fast_paths.side_stream import SideStreamPrefetch
 
 # 1 MiB: bookkeeping small next to the copy, a budget of a few MiB followed closely (bitsandbytes
 # pages state tensors of >= 1e5 elements only, `Optimizer8bit.get_state_buffer`)
 DEFAULT_PAGE_BYTES = 1 << 20
 RUN_BYTES = 1 << 22  # state paged in for one update at most: it is still in cache when used
 STATE_NAMES = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW's keys: each loads the other's state
+
 
 # ---------------------------------------------------------------------------- the AdamW update
 def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
@@ -37,32 +42,6 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_de
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v_hat) + eps
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))  # theta -= lr m_hat / denom
 
-# ---------------------------------------------- speed: many tensors a call, in cache-sized batches
-BATCH_ELEMENTS = 1 << 18  # a batch's tensors (5 x 1 MiB in float32) stay in cache between lines
-
-def adamw_step_foreach(pieces, lr, betas, eps, weight_decay):
-    """adamw_step on (param, grad, exp_avg, exp_avg_sq, step) pieces, a _foreach_ call a line per
-    batch: on CPU, the single-tensor kernel on each tensor (same bits, fewer Python calls). Else
-    adamw_step: CUDA's _foreach_ kernels differ; for 16-bit floats _foreach_mul_ rounds scalars."""
-    (beta1, beta2), batches, size = betas, [[]], 0
-    for piece in pieces:
-        if piece[0].device.type != "cpu" or piece[0].dtype not in (torch.float32, torch.float64):
-            adamw_step(*piece, lr, betas, eps, weight_decay)
-            continue
-        batches[-1].append(piece)
-        size += piece[0].numel()
-        if size >= BATCH_ELEMENTS:
-            batches, size = batches + [[]], 0
-    for params, grads, exp_avgs, exp_avg_sqs, steps in (map(list, zip(*b)) for b in batches if b):
-        if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, [(1 - beta2 ** step) ** 0.5 for step in steps])
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**t) for t in steps])
 
 # ------------------------------------------------------------------------------ the page table
 @dataclasses.dataclass(eq=False)  # eq=False: hashed by identity, as keys of the LRU list
@@ -81,6 +60,7 @@ class Page:
     device_data: torch.Tensor | None = None
     host_data: torch.Tensor | None = None  # kept from the first page-out on: the backing store
 
+
 @dataclasses.dataclass
 class PagingStats:
     page_ins: int = 0  # host -> device moves of one page (not the first allocation of zeros)
@@ -89,6 +69,7 @@ class PagingStats:
     bytes_out: int = 0
     resident_bytes: int = 0  # optimizer state on the device now
     peak_resident_bytes: int = 0  # the most ever at once
+
 
 class PageTable:
     """Fixed-size pages, which of them are on the device, and the rule that decides which move.
@@ -102,13 +83,17 @@ class PageTable:
     one page per state tensor). The table decides and counts; PagedAdamW copies."""
 
     def __init__(self, page_bytes, budget_bytes, stats):
-        self.page_bytes, self.budget_bytes, self.stats = page_bytes, budget_bytes, stats
+        self.page_bytes = page_bytes
+        self.budget_bytes = budget_bytes
+        self.stats = stats
         self.limit = float("inf") if budget_bytes is None else budget_bytes
-        self.lru, self.tick = OrderedDict(), 0  # resident pages, least recently used first
+        self.lru = OrderedDict()  # resident pages, least recently used first
+        self.tick = 0
 
     def cut(self, param, param_index):
         """A parameter's pages in update order, m's and v's of each range (one without a budget)."""
-        numel, itemsize = param.numel(), param.element_size()
+        numel = param.numel()
+        itemsize = param.element_size()
         whole = self.budget_bytes is None or not param.is_contiguous()  # views would be copies
         per_page = max(1, numel if whole else self.page_bytes // itemsize)
         bounds = [(a, min(a + per_page, numel)) for a in range(0, numel, per_page)] or [(0, 0)]
@@ -118,52 +103,41 @@ class PageTable:
 
     def make_resident(self, pages):
         """Mark one parameter's pages resident and most recently used: (victims, incoming)."""
-        incoming, stats = [page for page in pages if page.location != "device"], self.stats
+        incoming = [page for page in pages if page.location != "device"]
         victims = self.over_budget(sum(page.nbytes for page in incoming), keep=set(pages))
         for page in incoming:
             if page.location == "host" and self.budget_bytes is not None:  # None: a loaded page
-                stats.page_ins, stats.bytes_in = stats.page_ins + 1, stats.bytes_in + page.nbytes
-            page.location, stats.resident_bytes = "device", stats.resident_bytes + page.nbytes
-        stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
+                self.stats.page_ins += 1
+                self.stats.bytes_in += page.nbytes
+            page.location = "device"
+            self.stats.resident_bytes += page.nbytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes,
+                                             self.stats.resident_bytes)
         for page in pages:
-            self.tick, page.last_used, self.lru[page] = self.tick + 1, self.tick + 1, None
+            self.tick += 1
+            page.last_used = self.tick
+            self.lru[page] = None
             self.lru.move_to_end(page)
         return victims, incoming
 
     def over_budget(self, incoming_bytes=0, keep=()):
         """Least recently used pages not in `keep` to page out for `incoming_bytes` more."""
-        excess, victims = self.stats.resident_bytes + incoming_bytes - self.limit, []
+        excess = self.stats.resident_bytes + incoming_bytes - self.limit
+        victims = []
         for page in self.lru:  # least recently used first; stops at the first it need not move
             if excess <= 0:
                 break
             if page not in keep:
-                victims, excess = victims + [page], excess - page.nbytes
+                victims.append(page)
+                excess -= page.nbytes
         for page in victims:
             del self.lru[page]
-            page.location, self.stats.page_outs = "host", self.stats.page_outs + 1
+            page.location = "host"
+            self.stats.page_outs += 1
             self.stats.bytes_out += page.nbytes
             self.stats.resident_bytes -= page.nbytes
         return victims
 
-# ------------------------------------------------------------ CUDA: prefetch on a side stream
-@dataclasses.dataclass
-class SideStreamPrefetch:
-    """Page-ins of the next run of parameters on a second CUDA stream, overlapping this run's
-    update on the current stream. Off CUDA copies are synchronous: these do nothing."""
-    streams: dict = dataclasses.field(default_factory=dict)  # CUDA device -> its side stream
-
-    def stream(self, device):
-        """Copies on the side stream, after the current stream's page-outs and allocations."""
-        if device.type != "cuda":
-            return contextlib.nullcontext()
-        side = self.streams[device] = self.streams.get(device) or torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        return torch.cuda.stream(side)
-
-    def wait(self):
-        """Before an update: the current streams wait for the copies issued so far."""
-        for device, side in self.streams.items():
-            torch.cuda.current_stream(device).wait_stream(side)
 
 # ------------------------------------------------------------------------------- the optimizer
 def _check_hyperparameters(group, prefix=""):
@@ -178,6 +152,7 @@ def _check_hyperparameters(group, prefix=""):
         raise ValueError(f"{prefix}(amsgrad, maximize, decoupled_weight_decay) must be [False, "
                          f"False, True] (the others are not supported), got {flags}")
 
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with exp_avg and exp_avg_sq in pages: at most `device_budget_bytes` of them on the
     device between steps (None: no limit), the rest in host memory. Every other step goes through
@@ -188,9 +163,11 @@ class PagedAdamW(torch.optim.Optimizer):
         self.page_bytes = check_int(page_bytes, "page_bytes", low=1)
         if device_budget_bytes is not None:
             check_int(device_budget_bytes, "device_budget_bytes (None: no limit)", low=0)
-        self.device_budget_bytes, self.stats = device_budget_bytes, PagingStats()
+        self.device_budget_bytes = device_budget_bytes
+        self.stats = PagingStats()
         self.table = PageTable(page_bytes, device_budget_bytes, self.stats)
-        self.prefetcher, self.steps_taken = SideStreamPrefetch(), 0
+        self.prefetcher = SideStreamPrefetch()  # fast_paths/side_stream.py: no-op off CUDA
+        self.steps_taken = 0
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=False, maximize=False, foreach=False))  # as AdamW's
 
@@ -211,50 +188,20 @@ class PagedAdamW(torch.optim.Optimizer):
         """(param_index, state_name, start) of the resident pages, least recently used first."""
         return [(page.param_index, page.state_name, page.start) for page in self.table.lru]
 
-    def page_out(self, pages):
-        """Copy pages device -> host (pinned for CUDA: asynchronous); free their device memory."""
-        for page in (page for page in pages if page.host_data is None):
-            page.host_data = torch.empty(page.shape, dtype=page.dtype,
-                                         pin_memory=page.device.type == "cuda")
-        if pages:
-            torch._foreach_copy_([p.host_data for p in pages], [p.device_data for p in pages],
-                                 non_blocking=True)
-        for page in pages:
-            page.device_data = None
+    def page_out(self, pages) -> dict:
+        """Copy pages device -> host and free their device memory, returned for page_in to reuse
+        (fast_paths/paging.py)."""
+        return copy_out(pages)
 
     def page_in(self, pages, spare=None):
-        """Give pages device memory (reusing `spare`, {(numel, dtype): [freed tensors]}: fresh
-        memory costs page faults), then zeros if new (m_0 = v_0 = 0), else the host copy."""
-        for page in pages:
-            reuse = (spare or {}).get((page.stop - page.start, page.dtype))
-            page.device_data = reuse.pop().view(page.shape) if reuse else torch.empty(
-                page.shape, dtype=page.dtype, device=page.device)
-            if page.host_data is None:
-                page.device_data.zero_()
-        if moved := [page for page in pages if page.host_data is not None]:
-            with self.prefetcher.stream(moved[0].device):
-                torch._foreach_copy_([p.device_data for p in moved], [p.host_data for p in moved],
-                                     non_blocking=True)
-
-    def _runs(self, todo):
-        """Runs of a group's consecutive parameters within half the budget and RUN_BYTES, and their
-        bytes. Moves decided run by run are those of one parameter at a time: none is the LRU."""
-        runs, sizes, limit = [], [], min(self.table.limit / 2, RUN_BYTES)
-        for group, param, state in todo:
-            nbytes = 2 * param.numel() * param.element_size()
-            if not runs or sizes[-1] + nbytes > limit or group is not runs[-1][0][0]:
-                runs, sizes = runs + [[]], sizes + [0]
-            runs[-1].append((group, param, state))
-            sizes[-1] += nbytes
-        return runs, sizes
+        """Give pages device memory, then zeros if new (m_0 = v_0 = 0), else the host copy
+        (fast_paths/paging.py: reusing `spare` memory, on the side stream)."""
+        copy_in(pages, spare, self.prefetcher)
 
     def _bring_in(self, run):
-        """Decide a run's moves, page out the victims, page in the rest."""
+        """Decide a run's moves, page out the victims, page in the rest into their memory."""
         moves = [self.table.make_resident(state["pages"]) for _, _, state in run]
-        victims, spare = [page for out, _ in moves for page in out], defaultdict(list)
-        for page in victims:  # their device memory goes to the incoming pages
-            spare[page.stop - page.start, page.dtype].append(page.device_data)
-        self.page_out(victims)
+        spare = self.page_out([page for victims, _ in moves for page in victims])
         self.page_in([page for _, pages in moves for page in pages], spare)
 
     @torch.no_grad()
@@ -264,22 +211,19 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [(group, param) for group in self.param_groups for param in group["params"]]
         if any(param.grad is not None and param.grad.is_sparse for _, param in params):
             raise RuntimeError("PagedAdamW does not support sparse gradients")
-        for group in self.param_groups:  # again: a group's values may have been edited since
+        # Checked again each step because param_groups are public and change between steps
+        # (learning-rate schedulers write group["lr"]); five numbers a group, no tensor touched.
+        for group in self.param_groups:
             _check_hyperparameters(group, "param_groups: ")
         todo = [(group, param, self._state_of(param, i)) for i, (group, param)
                 in enumerate(params) if param.grad is not None]  # as AdamW
         self.steps_taken += 1  # even steps backwards (see the class doc)
-        runs, sizes = self._runs(todo[:: 1 if self.steps_taken % 2 else -1])
-        budget, early = self.device_budget_bytes, False
-        for n, run in enumerate(runs):
-            if not early:  # else paged in during the last run's update
-                self._bring_in(run)
-            self.prefetcher.wait()
-            early = n + 1 < len(runs) and budget is not None and sizes[n] + sizes[n + 1] <= budget
-            if early:  # both runs fit: the next one's copies overlap this one's update
-                self._bring_in(runs[n + 1])
-            self._update(run)
-            self.page_out(self.table.over_budget())  # trim a parameter larger than the budget
+        order = todo[:: 1 if self.steps_taken % 2 else -1]
+        runs, sizes = cut_runs(order, min(self.table.limit / 2, RUN_BYTES))
+        # for run in runs: self._bring_in(run); self._update(run); trim to the budget (a parameter
+        # larger than the budget), with copies overlapping updates: fast_paths/paging.py
+        overlapped_runs(runs, sizes, self.device_budget_bytes, self._bring_in, self._update,
+                        lambda: self.page_out(self.table.over_budget()), self.prefetcher)
         return loss
 
     def _state_of(self, param, index):
@@ -292,26 +236,30 @@ class PagedAdamW(torch.optim.Optimizer):
         pieces = []
         for _, param, state in run:
             state["step"] += 1
-            m_pages, v_pages = state["pages"][0::2], state["pages"][1::2]
-            params, grads = [param], [param.grad]  # one page: the whole tensor, shaped like it
-            if len(m_pages) > 1:  # (n,) views at the pages' bounds
-                sizes = [page.stop - page.start for page in m_pages]
-                params, grads = param.view(-1).split(sizes), param.grad.reshape(-1).split(sizes)
+            m_pages = state["pages"][0::2]
+            v_pages = state["pages"][1::2]
+            sizes = [page.stop - page.start for page in m_pages]
+            # one page: the whole tensor, shaped like it; else (n,) views at the pages' bounds
+            params = [param] if len(sizes) == 1 else param.view(-1).split(sizes)
+            grads = [param.grad] if len(sizes) == 1 else param.grad.reshape(-1).split(sizes)
             pieces += [(p, g, m.device_data, v.device_data, state["step"])
                        for p, g, m, v in zip(params, grads, m_pages, v_pages)]
-        adamw_step_foreach(pieces, *(run[0][0][k] for k in ("lr", "betas", "eps", "weight_decay")))
+        hyper = [run[0][0][key] for key in ("lr", "betas", "eps", "weight_decay")]
+        # equals adamw_step: tests/test_paged_optim.py::test_adamw_step_foreach_passes_the_oracle
+        adamw_step_foreach([piece for piece in pieces if supported(piece[0])], *hyper)
+        for piece in pieces:
+            if not supported(piece[0]):
+                adamw_step(*piece, *hyper)
 
     def state_dict(self):
         """AdamW's layout ({"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"})."""
-        torch.cuda.synchronize() if torch.cuda.is_available() else None  # async page-outs
-        params, state = [param for group in self.param_groups for param in group["params"]], {}
+        params = [param for group in self.param_groups for param in group["params"]]
+        state = {}
         for i, param in enumerate(params):
             if saved := self.state.get(param):
                 state[i] = {"step": torch.tensor(float(saved["step"]), dtype=torch.float32)}
                 for k, name in enumerate(STATE_NAMES):  # (N,) from its pages, a new tensor
-                    state[i][name] = torch.cat([(page.device_data if page.location == "device"
-                                                 else page.host_data).reshape(-1).cpu()
-                                                for page in saved["pages"][k::2]]).view(param.shape)
+                    state[i][name] = gather(saved["pages"][k::2]).view(param.shape)
         return {"state": state, "param_groups": super().state_dict()["param_groups"]}
 
     def load_state_dict(self, state_dict):
@@ -326,7 +274,8 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state_dict['state'] has keys {bad}, not parameter indices")
         checked = {}  # i -> (step, [exp_avg, exp_avg_sq] as flat CPU copies in the param's dtype)
         for i, saved in state_dict["state"].items():
-            step, name = saved.get("step"), f"state[{i}]"
+            step = saved.get("step")
+            name = f"state[{i}]"
             step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
             if check_number(step, name + "['step']", low=1) != int(step):
                 raise ValueError(f"{name}['step'] must be a whole number >= 1, got {step!r}")
@@ -339,7 +288,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{name}['exp_avg_sq'] has negative values (a second moment)")
             flats = [t.detach().to("cpu", params[i].dtype, copy=True).reshape(-1) for t in tensors]
             checked[i] = int(step), [f.pin_memory() if params[i].is_cuda else f for f in flats]
-        self.stats.resident_bytes, self.state = 0, defaultdict(dict)
+        self.stats.resident_bytes = 0
+        self.state = defaultdict(dict)
         self.table = PageTable(self.page_bytes, self.device_budget_bytes, self.stats)
         for i, (step, flats) in checked.items():
             self._state_of(params[i], i)["step"] = step

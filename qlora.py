@@ -18,6 +18,7 @@ Deviations from the paper:
 - NF4Linear returns its output in the input's dtype, like bitsandbytes' Linear4bit, so a float32
   model with a bfloat16-compute base keeps float32 activations between layers.
 - The paged optimizer pages explicitly (paged_optim.py), not through CUDA unified memory.
+Longer than 250 lines for NF4Linear's door: a state dict of another layout is refused clearly.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import adapters
 import lora
 import nf4
 from checks import check_bool, check_features, check_int, check_tensor
+from fast_paths.nf4_lookup import dequantize_nf4_chunked
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16  # "BFloat16 as computation data type" (sec. 3)
@@ -49,12 +51,9 @@ def check_compute_dtype(compute_dtype) -> torch.dtype:
 def double_dequant(q: nf4.NF4Weight, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE):
     """doubleDequant(c1, c2, W) (eq. 6): the dense (out, in) weight in `compute_dtype`, rounded once
     from the float32 code[k] * scale (float64 holds that float32 value exactly)."""
-    if check_compute_dtype(compute_dtype) == torch.float64:
+    if compute_dtype == torch.float64:
         return nf4.dequantize_nf4(q, torch.float32).to(torch.float64)
     return nf4.dequantize_nf4(q, compute_dtype)
-
-
-dequantize_to = double_dequant  # the earlier name
 
 
 def qlora_linear(x, q: nf4.NF4Weight, bias, lora_A, lora_B, scaling: float,
@@ -79,16 +78,26 @@ def nf4_linear_input_grad(grad_out, q: nf4.NF4Weight,
 # --------------------------------------------------------------------------------------------------
 # 2. Autograd without a dense W: forward and backward each dequantize into a temporary.
 
+def _dense_weight(q: nf4.NF4Weight, compute_dtype: torch.dtype) -> torch.Tensor:
+    """double_dequant(q, compute_dtype), bit for bit, by the lookup kernel (what the reference
+    would cost the layer instead: docs/benchmarks.md, "NF4Linear: reference or kernel")."""
+    if compute_dtype == torch.float64:
+        return double_dequant(q, compute_dtype)
+    # equals nf4.dequantize_nf4: tests/test_nf4.py::test_lookup_kernels_pass_the_oracle
+    return dequantize_nf4_chunked(q, compute_dtype, nf4.nf4_code(), nf4.dynamic_code())
+
+
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + b, dL/dx = nf4_linear_input_grad: nothing larger than the 4-bit storage is kept
     for backward (bitsandbytes' MatMul4Bit does the same). x and b arrive in the compute dtype."""
 
     @staticmethod
     def forward(ctx, x, bias, q: nf4.NF4Weight, compute_dtype):
-        ctx.quantized_weight, ctx.compute_dtype = q, compute_dtype
+        ctx.quantized_weight = q
+        ctx.compute_dtype = compute_dtype
         # Saved for autograd's version counters: an edit in place before backward raises.
         ctx.save_for_backward(*q.tensors().values())
-        W = double_dequant(q, compute_dtype)  # (out, in), a temporary
+        W = _dense_weight(q, compute_dtype)  # (out, in), a temporary
         return F.linear(x, W, bias)  # (..., in) @ (in, out) + (out,) -> (..., out)
 
     @staticmethod
@@ -97,7 +106,8 @@ class _NF4LinearFunction(torch.autograd.Function):
         ctx.saved_tensors  # the version check
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = nf4_linear_input_grad(grad_out, ctx.quantized_weight, ctx.compute_dtype)
+            # nf4_linear_input_grad: dL/dX = dL/dY W     (..., out) @ (out, in)
+            grad_x = grad_out.matmul(_dense_weight(ctx.quantized_weight, ctx.compute_dtype))
         if ctx.needs_input_grad[1]:  # only when a user unfreezes the bias
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (N, out) -> (out,)
         return grad_x, grad_bias, None, None
@@ -186,13 +196,14 @@ class NF4Linear(nn.Module):
         again only when one is replaced (.to(), an assignment): not on every forward."""
         q = self.__dict__.get("_quantized_weight")
         if q is None or any(getattr(q, n) is not self._buffers[n] for n in self._storage_names):
-            q = self._quantized_weight = nf4.NF4Weight.from_tensors(
-                {n: self._buffers[n] for n in self._storage_names}, **self._metadata)
+            storage = {n: self._buffers[n] for n in self._storage_names}
+            q = nf4.NF4Weight.from_tensors(storage, **self._metadata)
+            self._quantized_weight = q
         return q  # views the buffers, no copy: a load into them is seen at once
 
     def dequantized_weight(self) -> torch.Tensor:
         """W = doubleDequant(c1, c2, W) (eq. 6), (out, in), in the compute dtype."""
-        return double_dequant(self.quantized_weight, self.compute_dtype)
+        return _dense_weight(self.quantized_weight, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_features(x, self.in_features)  # x enters here: no other place can name it
@@ -218,7 +229,8 @@ class NF4Linear(nn.Module):
                              f"blocksize, nested_blocksize] = {state_dict[key].tolist()}, this "
                              f"layer is {self.nf4_format.tolist()}")
         for name in self._storage_names + ("bias",):
-            key, own = prefix + name, getattr(self, name)
+            key = prefix + name
+            own = getattr(self, name)
             if key not in state_dict:
                 continue  # nn.Module's loader reports missing keys
             new = check_tensor(state_dict[key], f"state dict entry {key!r}", finite=True)
@@ -286,61 +298,3 @@ def prepare_qlora(model: nn.Module, targets=adapters.ALL_LINEAR, r: int = 8, alp
     optimizer = PagedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                            page_bytes=page_bytes, device_budget_bytes=device_budget_bytes)
     return model, optimizer
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Memory: what is stored, in bytes, counted from the tensors themselves.
-
-def _tensor_groups(model: nn.Module):
-    """Weights stored in NF4; {id: (name, tensor)} of NF4 storage; {id: tensor} of adapters, all."""
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    storage = {id(getattr(m, n)): (n, getattr(m, n)) for m in layers for n in m._storage_names}
-    adapter = {id(t): t for layer in adapters.adapter_layers(model).values()
-               for t in (getattr(layer, n) for n in layer.adapter_parameter_names)}
-    everything = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(m.in_features * m.out_features for m in layers), storage, adapter, everything
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the optimizer's state tensors (not scalar step counters), wherever they are."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                total += value.nbytes
-            elif isinstance(value, list):  # PagedAdamW's pages
-                total += sum(page.nbytes for page in value if page.location != "unallocated")
-    return total
-
-
-def qlora_memory_report(model: nn.Module, optimizer=None) -> dict:
-    """Bytes of each kind of stored tensor, each counted once: nf4_weights (packed codes),
-    nf4_statistics (absmax or its codes, nested absmax, offset), other_weights (every other
-    parameter or buffer but the adapters), adapters, gradients, optimizer_state and, for PagedAdamW,
-    optimizer_state_on_device; then quantized_parameters and their bits_per_parameter."""
-    quantized, storage, adapter, everything = _tensor_groups(model)
-    report = dict(
-        nf4_weights=sum(t.nbytes for n, t in storage.values() if n == "packed"),
-        nf4_statistics=sum(t.nbytes for n, t in storage.values() if n != "packed"),
-        other_weights=sum(t.nbytes for i, t in everything.items()
-                          if i not in storage and i not in adapter),
-        adapters=sum(t.nbytes for t in adapter.values()),
-        gradients=sum(p.grad.nbytes for p in model.parameters() if p.grad is not None),
-        optimizer_state=0 if optimizer is None else optimizer_state_bytes(optimizer))
-    report["total"] = sum(report.values())
-    if isinstance(optimizer, PagedAdamW):
-        report["optimizer_state_on_device"] = optimizer.stats.resident_bytes
-    report["quantized_parameters"] = quantized
-    nf4_bytes = report["nf4_weights"] + report["nf4_statistics"]
-    report["bits_per_parameter"] = 8 * nf4_bytes / quantized if quantized else float("nan")
-    return report
-
-
-def dense_weight_bytes(model: nn.Module, dtype: torch.dtype) -> dict:
-    """The same base stored densely in `dtype`: quantized_layers (the weights that are NF4 in
-    `model`) and base_model (those plus every floating-point tensor that is not an adapter)."""
-    quantized, storage, adapter, everything = _tensor_groups(model)
-    other = sum(t.numel() for i, t in everything.items()
-                if i not in storage and i not in adapter and t.is_floating_point())
-    return dict(quantized_layers=quantized * dtype.itemsize,
-                base_model=(quantized + other) * dtype.itemsize)

@@ -15,10 +15,10 @@ import sys
 import torch
 
 from checks import Parser, check_int, check_number, checked, folder, text_flag
-from runs import MissingRun, decode, encode, load_model, make_command
-
+from training.runs import MissingRun, decode, encode, load_model, make_command
 
 # -------------------------------------------------------------------------------------- sampling
+
 
 def sample_text(model, vocab: str, prompt: str, tokens: int, seed: int, temperature: float = 1.0,
                 top_k: int | None = None) -> str:

@@ -27,17 +27,33 @@ import dora
 import lora
 import nf4
 import qlora
-import safetensors_io
 import vera
 from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
+from formats import safetensors_io
 from paged_optim import PagedAdamW
-from runs import (CorruptFile, Corpus, OtherRun, build_vocab, finetuning_text, make_corpus,
-                  occupied, pretraining_text, read_checkpoint, record, save_checkpoint,
-                  save_weights, set_aside, weights_fingerprint, weights_name)
 from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
+from training import memory
+from training.runs import (
+    Corpus,
+    CorruptFile,
+    OtherRun,
+    build_vocab,
+    finetuning_text,
+    make_corpus,
+    occupied,
+    pretraining_text,
+    read_checkpoint,
+    record,
+    save_checkpoint,
+    save_weights,
+    set_aside,
+    weights_fingerprint,
+    weights_name,
+)
 
 # ------------------------------------------------------------------------------------------- config
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -53,6 +69,7 @@ class TrainConfig:
     eval_batches: int = 8         # fixed validation batches (of batch_size windows) per estimate
     checkpoint_every: int = 100   # steps between checkpoints while training
     seed: int = 1337              # seeds weights, batches, dropout and adapters
+
 
 # Small enough for the test-suite: seconds, not minutes.
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8, pretrain_steps=30,
@@ -72,6 +89,7 @@ QUANTIZATION = dict(blocksize=nf4.DEFAULT_BLOCKSIZE, double_quant=True, compute_
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes < 2**64, and the run adds small offsets to the seed
 
 # ------------------------------------------------------------------------------------------ batches
+
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
     """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], each (batch_size, T)."""
@@ -156,7 +174,7 @@ def training_memory(model: torch.nn.Module, optimizer) -> dict:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
     weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     grads = tensor_bytes(p.grad for p in model.parameters())
-    state = qlora.optimizer_state_bytes(optimizer)  # counts PagedAdamW's pages where they lie
+    state = memory.optimizer_state_bytes(optimizer)  # counts PagedAdamW's pages where they lie
     return dict(weights=weights, grads=grads, optimizer=state, total=weights + grads + state)
 
 
@@ -332,10 +350,10 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
                memory=training_memory(model, optimizer), ms_per_step=ms, val_before=val_before,
                val_after=val_after)
     if method == "qlora":
-        report = qlora.qlora_memory_report(model, optimizer)
+        report = memory.qlora_memory_report(model, optimizer)
         row["nf4"] = dict(bytes=report["nf4_weights"] + report["nf4_statistics"],
                           bits_per_parameter=report["bits_per_parameter"], float32_bytes=(
-                              qlora.dense_weight_bytes(model, torch.float32)["quantized_layers"]))
+                              memory.dense_weight_bytes(model, torch.float32)["quantized_layers"]))
     if isinstance(optimizer, PagedAdamW):
         row["paging"] = asdict(optimizer.stats)
     return row, model

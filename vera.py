@@ -13,9 +13,9 @@ Per adapted layer VeRA trains r + out numbers, LoRA r (in + out) (section 3, "Pa
 
 Layers differ in shape, so, as in PEFT, A is drawn as (r, max_in) and B as (max_out, r) for the
 widest input and output among the targets, and a layer uses the views A[:, :in] and B[:out, :].
-The pair is never saved: an adapter directory (adapters.save_adapter, PEFT's format with
-save_projection = false) holds the vectors, the seed and a SHA-256 of the drawn matrices, so a load
-regenerates them and refuses to go on if they came out different.
+The pair is never saved: an adapter directory (formats.adapter_files.save_adapter, PEFT's format
+with save_projection = false) holds the vectors, the seed and a SHA-256 of the drawn matrices, so a
+load regenerates them and refuses to go on if they came out different.
 
 Shapes follow torch.nn.Linear: weight (out, in), y = x W^T + b; the paper's W0 x has the same (out,
 in) layout. Letters: N tokens (leading dims flattened), r rank, in/out the layer's widths.
@@ -30,9 +30,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import (ALL_LINEAR, AdapterLinear, adapter_dtype, check_rank, dense_weight,
-                      find_targets, mark_only_adapters_trainable, replace_targets)
-from checks import check_int, check_number, check_probability
+from adapters import (
+    ALL_LINEAR,
+    AdapterLinear,
+    adapter_dtype,
+    dense_weight,
+    find_targets,
+    mark_only_adapters_trainable,
+    replace_targets,
+)
+from checks import check_int, check_number, check_probability, check_rank
+from fast_paths.low_rank import add_vera_
 
 # lambda_d's starting value. The paper leaves it a hyperparameter (section 3, "Initialization
 # strategies"); 0.1 is PEFT's VeraConfig.d_initial default.
@@ -53,17 +61,6 @@ MAX_SEED = 2**64 - 1
 # --------------------------------------------------------------------------------------------------
 # The math, in the paper's order: what an oracle user calls.
 
-def check_seed(seed) -> int:
-    return check_int(seed, "seed", 0, MAX_SEED)
-
-
-def check_d_initial(d_initial) -> float:
-    """lambda_b starts at 0, so lambda_d = 0 would zero both vectors' gradients for good."""
-    if check_number(d_initial, "d_initial (non-zero)") == 0:
-        raise ValueError(f"d_initial must be a finite non-zero number, got {d_initial!r}")
-    return d_initial
-
-
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     std = KAIMING_GAIN / math.sqrt(shape[1])  # fan_in: the second dimension, as in PEFT
     bound = UNIFORM_BOUND_PER_STD * std
@@ -77,10 +74,7 @@ def vera_projections(r: int, max_in: int, max_out: int,
     Drawn on the CPU in PEFT's order, so the same seed gives PEFT's `vera_A`/`vera_B` bit for bit
     (`projection_prng_key`), and the same bits on every device.
     """
-    check_int(r, "r (the rank)", low=1)
-    check_int(max_in, "max_in", low=1)
-    check_int(max_out, "max_out", low=1)
-    generator = torch.Generator().manual_seed(check_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
     A = _kaiming_uniform((r, max_in), generator)  # (r, max_in), drawn first
     B = _kaiming_uniform((max_out, r), generator)  # (max_out, r)
     return A, B
@@ -139,35 +133,17 @@ def vera_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 # --------------------------------------------------------------------------------------------------
-# The fast path: eq. 2's sum in place, in one BLAS call. Equal to vera_forward up to rounding
-# (other association; tests/test_vera.py states the tolerance).
+# Checks at the doors (VeRAProjection, VeRALinear, apply_vera).
 
-def add_vera_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-    """y += Λ_b B Λ_d A x in y's memory, for y (N, out), x (N, in); returns y. As for
-    lora.add_low_rank_, y must be a tensor nothing else holds, such as a base layer's fresh output.
-
-    Right to left as eq. 2 reads (and PEFT computes): Λ_d scales the r columns of A x, B maps them
-    to (N, out), and λ_b scales that while it is added into y, in one pass (addcmul_). Folding Λ_b
-    into B instead (Λ_b B, (out, r)) saves that pass but its gradient is a matmul over the tokens,
-    which costs more at VeRA's ranks (docs/vera.md#the-forward).
-    """
-    if y.dtype != A.dtype:  # a low-precision base: sum in the adapter's dtype, round back once
-        return add_vera_(y.to(A.dtype), x, A, B, lambda_d, lambda_b).to(y.dtype)
-    scaled = (x.to(A.dtype) @ A.t()) * lambda_d  # (N, in) @ (in, r) -> (N, r): Λ_d A x
-    # h = W0 x + b + Λ_b B Λ_d A x   (VeRA, eq. 2), with W0 x + b in y
-    return y.addcmul_(scaled @ B.t(), lambda_b)  # (N, out) += ((N, r) @ (r, out)) ⊙ (out,)
+def check_seed(seed) -> int:
+    return check_int(seed, "seed", 0, MAX_SEED)
 
 
-def add_vera(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-             lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-    """y + Λ_b B Λ_d A x for every row x of x (..., in); y (..., out) holds W0 x + b already.
-
-    `add_vera_` on a copy of y: y itself is left unchanged.
-    """
-    out = y.reshape(-1, y.shape[-1]).to(A.dtype, copy=True)  # (N, out)
-    add_vera_(out, x.reshape(-1, x.shape[-1]), A, B, lambda_d, lambda_b)
-    return out.view(y.shape).to(y.dtype)
+def check_d_initial(d_initial) -> float:
+    """lambda_b starts at 0, so lambda_d = 0 would zero both vectors' gradients for good."""
+    if check_number(d_initial, "d_initial (non-zero)") == 0:
+        raise ValueError(f"d_initial must be a finite non-zero number, got {d_initial!r}")
+    return d_initial
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,8 +161,15 @@ class VeRAProjection(nn.Module):
     def __init__(self, r: int, max_in: int, max_out: int, seed: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
+        check_int(r, "r (the rank)", low=1)
+        check_int(max_in, "max_in", low=1)
+        check_int(max_out, "max_out", low=1)
+        check_seed(seed)
         A, B = vera_projections(r, max_in, max_out, seed)
-        self.r, self.max_in, self.max_out, self.seed = r, max_in, max_out, seed
+        self.r = r
+        self.max_in = max_in
+        self.max_out = max_out
+        self.seed = seed
         self.checksum = projection_checksum(A, B)  # of the float32 draw, before any cast or move
         self.register_buffer("vera_A", A.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("vera_B", B.to(device=device, dtype=dtype), persistent=False)
@@ -214,7 +197,8 @@ class VeRALinear(AdapterLinear):
                 f"{projection.max_out} rows); draw them for the largest target, as apply_vera does")
         check_d_initial(d_initial)
         check_probability(dropout, "dropout")
-        self.r, self.d_initial = projection.r, d_initial
+        self.r = projection.r
+        self.d_initial = d_initial
         self.vera_projection = projection  # a child shared: the same module in every VeRA layer
         W = dense_weight(base)
         dtype = adapter_dtype(W.dtype)
@@ -244,6 +228,8 @@ class VeRALinear(AdapterLinear):
         y = self.base(tokens)  # (N, out): W0 x + b (+ ΔW x when merged), a fresh tensor
         if not self.merged:
             dropped = self.vera_dropout(x).reshape(tokens.shape)  # (N, in): d(x), on x's shape
+            # vera_forward's eq. 2, added in place into the fresh y (fast_paths/low_rank.py; equal
+            # within TOL: tests/test_vera.py::test_forward_equals_the_equation)
             y = add_vera_(y, dropped, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
@@ -266,7 +252,7 @@ def apply_vera(model: nn.Module, targets=ALL_LINEAR, r: int = DEFAULT_RANK,
 
     `targets` as in adapters.find_targets ("all-linear" or name suffixes). The pair is drawn from
     `seed` for the largest in/out widths among the targets, in float32 (float64 for a float64
-    base); r may not exceed the larger of those widths (adapters.check_rank). `dropout` acts on
+    base); r may not exceed the larger of those widths (checks.check_rank). `dropout` acts on
     the update's input only, as in LoRA.
     """
     check_int(r, "r (the rank)", low=1)
@@ -276,7 +262,8 @@ def apply_vera(model: nn.Module, targets=ALL_LINEAR, r: int = DEFAULT_RANK,
     names = find_targets(model, targets)
     bases = [model.get_submodule(name) for name in names]
     W = dense_weight(bases[0])
-    max_in, max_out = max(b.in_features for b in bases), max(b.out_features for b in bases)
+    max_in = max(b.in_features for b in bases)
+    max_out = max(b.out_features for b in bases)
     check_rank(r, max_in, max_out, "the widest target (the shared matrices)")
     projection = VeRAProjection(r, max_in, max_out, seed, dtype=adapter_dtype(W.dtype),
                                 device=W.device)
@@ -296,4 +283,3 @@ def vera_projection_of(model: nn.Module) -> VeRAProjection:
         raise ValueError(f"the model's VeRA layers share {len(projections)} pairs of matrices, "
                          "not one (apply VeRA once over all its targets)")
     return next(iter(projections.values()))
-

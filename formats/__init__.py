@@ -1,1 +1,2 @@
-"""File formats (tier 2): the safetensors reader and writer, adapter directories in PEFT's format."""
+"""File formats (tier 2): the safetensors reader and writer, and adapter directories in PEFT's
+format."""

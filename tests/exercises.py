@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,13 @@ class Exercise:
 
 
 def resolve(name: str):
-    """(owner, attribute name, function) for MODULE.FUNCTION or MODULE.Class.method."""
-    module_name, *path = name.split(".")
-    owner = importlib.import_module(module_name)
+    """(owner, attribute name, function) for MODULE.FUNCTION or MODULE.Class.method, where MODULE
+    may be a package's module (formats.safetensors_io)."""
+    parts = name.split(".")
+    owner = importlib.import_module(parts[0])
+    path = parts[1:]
+    while hasattr(owner, "__path__") and len(path) > 1:  # a package: go down to its module
+        owner = importlib.import_module(f"{owner.__name__}.{path.pop(0)}")
     for part in path[:-1]:
         owner = getattr(owner, part)
     raw = vars(owner)[path[-1]] if isinstance(owner, type) else getattr(owner, path[-1])
@@ -125,7 +128,8 @@ def input_grad_with_stored_scales(grad_out, q, compute_dtype=torch.bfloat16):
 def _write_safetensors(tensors, path, metadata=None, pad=True, by_size=True, length="little",
                        from_file_start=False):
     import json
-    import safetensors_io as io
+
+    from formats import safetensors_io as io
     header = {io.METADATA_KEY: {io.CHECKSUM_KEY: "0" * io.CHECKSUM_DIGITS, **(metadata or {})}}
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)) if by_size else tensors
     chunks, offset = [], 0
@@ -179,8 +183,8 @@ QLORA = [
               "8-bit scale codes used as scales": input_grad_with_stored_scales}),
 ]
 FILES = [
-    Exercise("safetensors_io.save_file",
-             "the safetensors README, section Format; safetensors_io.py's docstring",
+    Exercise("formats.safetensors_io.save_file",
+             "the safetensors README, section Format; formats/safetensors_io.py's docstring",
              {"header not padded to 8 bytes": save_without_padding,
               "tensors in the dict's order": save_in_the_dicts_order,
               "big-endian header length": save_with_a_big_endian_length,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from exercises import Exercise
 
-
 # lora: the scaling, ΔW, the forward (eq. 3), the gradients by hand
+
 
 def scaling_alpha_over_r_even_with_rslora(r, alpha, rslora=False):
     return alpha / r  # rsLoRA's flag ignored: the update shrinks with r again
@@ -74,7 +74,6 @@ LORA_EXERCISES = [
 ]
 
 
-
 # dora: the weight (magnitude times direction, eq. 5) and its gradients (eq. 6 and 7, sec. 4.3)
 
 def weight_normalised_by_W0(weight, A, B, magnitude, scaling, detach_norm=True):
@@ -134,7 +133,6 @@ DORA_EXERCISES = [
               "projection without 1/||V||^2": grads_projecting_without_the_squared_norm,
               "grad of m not divided by ||V||": grads_with_magnitude_gradient_undivided}),
 ]
-
 
 
 # vera: the forward (eq. 2) and the gradients of the two vectors by hand

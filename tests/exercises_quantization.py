@@ -6,6 +6,7 @@ from exercises import Exercise
 
 # --------------------------------------------------------------------------- nf4.nf4_code
 
+
 def _normal_quantiles(probabilities: torch.Tensor) -> torch.Tensor:
     from scipy.stats import norm
     return torch.from_numpy(norm.ppf(probabilities.double().numpy()))  # float64
@@ -15,6 +16,7 @@ def nf4_code_in_float64():
     """The right quantiles, but in float64 throughout and rounded to float32 only at the end;
     bitsandbytes rounds the probabilities to float32 first: up to 6 ulps apart."""
     import nf4
+
     def quantiles(count):
         return _normal_quantiles(torch.linspace(nf4.NF4_OFFSET, 0.5, count + 1,
                                                 dtype=torch.float64)[:-1])
@@ -33,6 +35,7 @@ def nf4_code_without_exact_zero():
 def nf4_code_not_normalised():
     """The quantiles themselves, not divided by the largest: they span about [-1.85, 1.85]."""
     import nf4
+
     def quantiles(count):
         return _normal_quantiles(torch.linspace(nf4.NF4_OFFSET, 0.5, count + 1)[:-1]).float()
     return torch.cat([-quantiles(7), torch.zeros(1), quantiles(8)]).sort().values
@@ -93,16 +96,15 @@ def pack_padding_with_index_zero(indices, pad_index=7):
 
 def double_quantize_without_the_mean(absmax):
     import nf4
-    codes, nested_absmax = nf4.quantize_blockwise(absmax, nf4.dynamic_code(), nf4.NESTED_BLOCKSIZE,
-                                                  name="absmax")
+    codes, nested_absmax = nf4.quantize_blockwise(absmax, nf4.dynamic_code(), nf4.NESTED_BLOCKSIZE)
     return codes, nested_absmax, absmax.new_zeros(())  # the positive scales use half the map
 
 
 def double_quantize_in_blocks_of_64(absmax):
     import nf4
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-    codes, nested_absmax = nf4.quantize_blockwise(absmax - offset, nf4.dynamic_code(), 64,
-                                                  name="absmax")  # W's blocksize, not 256
+    # W's blocksize, not 256
+    codes, nested_absmax = nf4.quantize_blockwise(absmax - offset, nf4.dynamic_code(), 64)
     return codes, nested_absmax, offset
 
 

@@ -15,14 +15,23 @@ import os
 import pytest
 import torch
 
-import adapter_files
 import adapters
 import dora
 import lora
 import vera
 from assertions import assert_same
-from test_adapters import (BUILDERS, PEFT_TARGETS, assert_logits_close, linear_names, make_gpt,
-                           randomize_adapters, tokens, trained)
+from formats import adapter_files
+from test_adapters import (
+    BUILDERS,
+    PEFT_TARGETS,
+    assert_logits_close,
+    linear_names,
+    make_gpt,
+    randomize_adapters,
+    tokens,
+    trained,
+)
+from tiny_gpt import GPT
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def test_an_edited_saved_adapter_in_memory_is_checked_again_and_leaves_the_model
     """read_adapter's SavedAdapter can be kept to switch adapters without reading files again;
     if it is edited before load_adapter, the edit is checked like a file's."""
     model, source = trained("lora"), trained("lora", seed=3)
-    good, before = adapters.saved_adapter(source), adapters.adapter_state_dict(model)
+    good, before = adapter_files.saved_adapter(source), adapters.adapter_state_dict(model)
     key = "base_model.model.blocks.1.mlp.up_proj.lora_B.weight"
     for tensors, config, error, match in [
             (dict(good.tensors, **{key: torch.full((64, 4), float("nan"))}), {}, ValueError,
@@ -47,10 +56,10 @@ def test_an_edited_saved_adapter_in_memory_is_checked_again_and_leaves_the_model
             (good.tensors, {"use_rslora": "yes"}, TypeError, "use_rslora must be a bool")]:
         edited = dataclasses.replace(good, tensors=tensors, config={**good.config, **config})
         with pytest.raises(error, match=match):
-            adapters.load_adapter(model, edited)
+            adapter_files.load_adapter(model, edited)
     for k, v in adapters.adapter_state_dict(model).items():
         assert_same(v, before[k], f"{k} after the refused loads")
-    adapters.load_adapter(model, good)
+    adapter_files.load_adapter(model, good)
     assert_same(model(tokens())[0], source(tokens())[0], "logits after loading the good one")
 
 
@@ -61,12 +70,12 @@ def test_an_edited_saved_adapter_in_memory_is_checked_again_and_leaves_the_model
 def test_our_directory_loads_in_peft_with_the_same_logits(peft, method, tmp_path):
     base, idx = make_gpt(), tokens()
     model = trained(method, base=base)
-    adapters.save_adapter(model, tmp_path / method)
+    adapter_files.save_adapter(model, tmp_path / method)
     assert sorted(os.listdir(tmp_path / method)) == [adapter_files.CONFIG_FILE,
                                                      adapter_files.TENSOR_FILE]
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / method).eval()
     assert_logits_close(theirs(idx)[0], model(idx)[0])
-    ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path / method)
+    ours = adapter_files.apply_saved_adapter(copy.deepcopy(base), tmp_path / method)
     assert_same(ours(idx)[0], model(idx)[0], f"{method} logits after our own round trip")
 
 
@@ -74,7 +83,7 @@ def test_our_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     from safetensors import safe_open
     model = trained("vera")
-    adapters.save_adapter(model, tmp_path)
+    adapter_files.save_adapter(model, tmp_path)
     path = str(tmp_path / adapter_files.TENSOR_FILE)
     tensors = safetensors_torch.load_file(path)
     layer = model.blocks[1].mlp.up_proj
@@ -112,7 +121,7 @@ def peft_directory(peft, method: str, base: GPT, directory, all_linear: bool = F
 def test_a_directory_peft_saves_loads_with_apply_saved_adapter(peft, method, tmp_path):
     base, idx = make_gpt(), tokens()
     theirs = peft_directory(peft, method, base, tmp_path)
-    ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path)
+    ours = adapter_files.apply_saved_adapter(copy.deepcopy(base), tmp_path)
     assert list(adapters.adapter_layers(ours)) == linear_names(base, PEFT_TARGETS)
     assert_logits_close(ours(idx)[0], theirs(idx)[0])
 
@@ -123,17 +132,17 @@ def test_peft_all_linear_regex_targets_and_saved_projections_load(peft, tmp_path
     the matrices (save_projection), which must then equal the ones the seed draws here."""
     base, idx = make_gpt(), tokens()
     theirs = peft_directory(peft, "lora", base, tmp_path / "all", all_linear=True)
-    ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path / "all")
+    ours = adapter_files.apply_saved_adapter(copy.deepcopy(base), tmp_path / "all")
     assert "lm_head" in adapters.adapter_layers(ours)
     assert_logits_close(ours(idx)[0], theirs(idx)[0])
     config_path = tmp_path / "all" / adapter_files.CONFIG_FILE
     for targets in ("all-linear", r"(blocks\.\d\.(attn|mlp)\.\w+_proj|lm_head)"):
         config = json.loads(config_path.read_text())
         config_path.write_text(json.dumps(dict(config, target_modules=targets)))
-        ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path / "all")
+        ours = adapter_files.apply_saved_adapter(copy.deepcopy(base), tmp_path / "all")
         assert_logits_close(ours(idx)[0], theirs(idx)[0])
     theirs = peft_directory(peft, "vera", base, tmp_path / "proj", save_projection=True)
-    ours = adapters.apply_saved_adapter(copy.deepcopy(base), tmp_path / "proj")
+    ours = adapter_files.apply_saved_adapter(copy.deepcopy(base), tmp_path / "proj")
     assert_logits_close(ours(idx)[0], theirs(idx)[0])
 
 
@@ -141,15 +150,15 @@ def test_qlora_adapters_save_and_load_over_the_same_nf4_base_only(tmp_path):
     qlora = pytest.importorskip("qlora")
     model = lora.apply_lora(qlora.quantize_model(make_gpt(), compute_dtype=torch.float32), r=4)
     randomize_adapters(model, 3)
-    adapters.save_adapter(model, tmp_path)
-    assert adapters.read_adapter(tmp_path).metadata["base_layer_type"] == "NF4Linear"
-    again = adapters.apply_saved_adapter(
+    adapter_files.save_adapter(model, tmp_path)
+    assert adapter_files.read_adapter(tmp_path).metadata["base_layer_type"] == "NF4Linear"
+    again = adapter_files.apply_saved_adapter(
         qlora.quantize_model(make_gpt(), compute_dtype=torch.float32), tmp_path)
     assert_same(again(tokens())[0], model(tokens())[0], "QLoRA logits after save and load")
     plain = make_gpt()
     with pytest.raises(ValueError, match="base_layer_type is 'NF4Linear' in the file but "
                                          "'Linear' in the model"):
-        adapters.apply_saved_adapter(plain, tmp_path)
+        adapter_files.apply_saved_adapter(plain, tmp_path)
     assert not adapters.adapter_layers(plain)
 
 
@@ -173,44 +182,44 @@ def test_qlora_adapters_save_and_load_over_the_same_nf4_base_only(tmp_path):
      "base_fingerprint is '[0-9a-f]{64}' in the file but '[0-9a-f]{64}' in the model"),
 ])
 def test_load_adapter_refuses_a_file_of_other_settings(other, match, tmp_path):
-    adapters.save_adapter(trained("lora"), tmp_path)
+    adapter_files.save_adapter(trained("lora"), tmp_path)
     model = other()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match) as error:
-        adapters.load_adapter(model, tmp_path)
+        adapter_files.load_adapter(model, tmp_path)
     assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
     for k, v in model.state_dict().items():
         assert_same(v, before[k], f"{k} after the refused load")
 
 
 def test_shapes_and_the_base_are_checked_and_check_base_can_be_waived(tmp_path):
-    adapters.save_adapter(trained("lora"), tmp_path)
+    adapter_files.save_adapter(trained("lora"), tmp_path)
     wide = lora.apply_lora(make_gpt(n_embd=32), PEFT_TARGETS, r=4, alpha=8.0)
     with pytest.raises(ValueError, match=r"the shape of base_model.model.blocks.0.attn.q_proj."
                                          r"lora_A.weight is \(4, 16\) in the file but \(4, 32\)"):
-        adapters.load_adapter(wide, tmp_path, check_base=False)
+        adapter_files.load_adapter(wide, tmp_path, check_base=False)
     other_base = lora.apply_lora(make_gpt(seed=9), PEFT_TARGETS, r=4, alpha=8.0)
-    adapters.load_adapter(other_base, tmp_path, check_base=False)  # the caller vouches for it
+    adapter_files.load_adapter(other_base, tmp_path, check_base=False)  # the caller vouches for it
     assert adapter_files.base_fingerprint(make_gpt()) == \
         adapter_files.base_fingerprint(trained("lora"))  # adapters are not part of the base
 
 
 def test_merged_plain_and_adapted_models_are_refused_where_they_do_not_fit(tmp_path):
     model = trained("lora")
-    adapters.save_adapter(model, tmp_path)
+    adapter_files.save_adapter(model, tmp_path)
     model.blocks[0].attn.q_proj.merge()
-    for call in (adapters.save_adapter, adapters.load_adapter):
+    for call in (adapter_files.save_adapter, adapter_files.load_adapter):
         with pytest.raises(ValueError, match="unmerge"):
             call(model, tmp_path)
     with pytest.raises(ValueError, match="no adapter layers to load into"):
-        adapters.load_adapter(make_gpt(), tmp_path)
+        adapter_files.load_adapter(make_gpt(), tmp_path)
     with pytest.raises(ValueError, match="already carries adapters"):
-        adapters.apply_saved_adapter(model, tmp_path)
+        adapter_files.apply_saved_adapter(model, tmp_path)
 
 
 def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
     good = tmp_path / "good"
-    adapters.save_adapter(trained("dora"), good)
+    adapter_files.save_adapter(trained("dora"), good)
     tensor_bytes = (good / adapter_files.TENSOR_FILE).read_bytes()
     config_text = (good / adapter_files.CONFIG_FILE).read_text()
 
@@ -237,7 +246,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
     cases[-1] = (cases[-1][0], FileNotFoundError, adapter_files.CONFIG_FILE)
     for directory, error, match in cases:
         with pytest.raises(error, match=match) as caught:
-            adapters.read_adapter(directory)
+            adapter_files.read_adapter(directory)
         assert "\n" not in str(caught.value) and str(directory) in str(caught.value)
     # PEFT-style files (no config_sha256): field checks and unsupported options
     tensors, _ = adapter_files.safetensors_io.load_file(str(good / adapter_files.TENSOR_FILE))
@@ -260,7 +269,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
                                                str(directory / adapter_files.TENSOR_FILE))
         (directory / adapter_files.CONFIG_FILE).write_text(json.dumps({**config, **config_change}))
         with pytest.raises(ValueError, match=match):
-            adapters.read_adapter(directory)
+            adapter_files.read_adapter(directory)
 
 
 def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path):
@@ -268,22 +277,22 @@ def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path)
     directory holds new tensors beside the old config: config_sha256 refuses that pairing. An
     interrupted save's temporary files are removed by the next save there."""
     first, second = tmp_path / "first", tmp_path / "second"
-    adapters.save_adapter(trained("lora", seed=1), first)
-    adapters.save_adapter(lora.apply_lora(make_gpt(), PEFT_TARGETS, r=2, seed=0), second)
+    adapter_files.save_adapter(trained("lora", seed=1), first)
+    adapter_files.save_adapter(lora.apply_lora(make_gpt(), PEFT_TARGETS, r=2, seed=0), second)
     new_tensors = (second / adapter_files.TENSOR_FILE).read_bytes()
     (first / adapter_files.TENSOR_FILE).write_bytes(new_tensors)  # killed before the config
     with pytest.raises(ValueError, match="config_sha256 differs.*interrupted"):
-        adapters.read_adapter(first)
+        adapter_files.read_adapter(first)
     (first / ".tmp-abc123").write_bytes(b"half a file")
     model = trained("lora", seed=2)
-    adapters.save_adapter(model, first)
+    adapter_files.save_adapter(model, first)
     assert sorted(os.listdir(first)) == [adapter_files.CONFIG_FILE, adapter_files.TENSOR_FILE]
-    again = adapters.apply_saved_adapter(make_gpt(), first)
+    again = adapter_files.apply_saved_adapter(make_gpt(), first)
     assert_same(again(tokens())[0], model(tokens())[0], "logits loaded after the recovered save")
 
 
 def test_apply_saved_adapter_refuses_targets_without_tensors_and_leaves_the_model(tmp_path):
-    adapters.save_adapter(trained("lora"), tmp_path)
+    adapter_files.save_adapter(trained("lora"), tmp_path)
     config_path = tmp_path / adapter_files.CONFIG_FILE
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(dict(config, target_modules=["q_proj", "k_proj", "v_proj",
@@ -297,6 +306,6 @@ def test_apply_saved_adapter_refuses_targets_without_tensors_and_leaves_the_mode
     flags = [p.requires_grad for p in model.parameters()]
     with pytest.raises(ValueError, match="target_modules names 'blocks.0.attn.k_proj' but the "
                                          "file holds no tensors for it"):
-        adapters.apply_saved_adapter(model, tmp_path)
+        adapter_files.apply_saved_adapter(model, tmp_path)
     assert not adapters.adapter_layers(model)
     assert [p.requires_grad for p in model.parameters()] == flags

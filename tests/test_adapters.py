@@ -12,13 +12,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import adapters
 import dora
 import lora
 import vera
 from assertions import assert_same
+from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
 
 LOGIT_RTOL = 1e-5
@@ -274,8 +276,8 @@ def test_adapter_state_dict_is_a_detached_copy_and_a_bare_dict_does_not_load():
     other = BUILDERS["lora"](make_gpt())
     for source in (state, adapters.adapter_state_dict(model), None, 3):  # no r, alpha or seed
         with pytest.raises(TypeError, match="adapter directory or a SavedAdapter, got .* no r, "):
-            adapters.load_adapter(other, source)
+            adapter_files.load_adapter(other, source)
         with pytest.raises(TypeError, match="adapter directory or a SavedAdapter"):
-            adapters.apply_saved_adapter(make_gpt(), source)
+            adapter_files.apply_saved_adapter(make_gpt(), source)
     with pytest.raises(ValueError, match="no adapter"):
         adapters.adapter_state_dict(make_gpt())

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import dora
 import adapters
+import dora
 import lora
 from assertions import assert_same
+from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
@@ -110,7 +111,7 @@ def f64(t):
 def cases(draw, dtypes=(torch.float32, torch.float64)):
     out_features, in_features = draw(st.integers(1, 12)), draw(st.integers(1, 12))
     return dict(out_features=out_features, in_features=in_features,
-                # r <= max(in, out): adapters.check_rank refuses larger ranks
+                # r <= max(in, out): checks.check_rank refuses larger ranks
                 r=draw(st.integers(1, min(6, max(in_features, out_features)))),
                 alpha=draw(st.floats(0.25, 32.0)),
                 rslora=draw(st.booleans()), bias=draw(st.booleans()),
@@ -585,15 +586,15 @@ def test_apply_dora_trains_only_the_adapters_and_round_trips_its_state():
             layer.lora_B.normal_(generator=gen)
             layer.magnitude.mul_(1.5)
     assert sum(k.endswith(".magnitude") for k in adapters.adapter_state_dict(model)) == len(layers)
-    saved = adapters.saved_adapter(model)  # in memory, as a directory would hold it
+    saved = adapter_files.saved_adapter(model)  # in memory, as a directory would hold it
     fresh = dora.apply_dora(copy.deepcopy(base), "all-linear", r=r, alpha=8.0, seed=6)
-    adapters.load_adapter(fresh, saved)
+    adapter_files.load_adapter(fresh, saved)
     idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
     key = next(k for k in saved.tensors if k.endswith(".lora_magnitude_vector"))
     bad = dict(saved.tensors, **{key: saved.tensors[key][:-1]})
     with pytest.raises(ValueError, match="shape"):
-        adapters.load_adapter(fresh, dataclasses.replace(saved, tensors=bad))
+        adapter_files.load_adapter(fresh, dataclasses.replace(saved, tensors=bad))
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -624,11 +625,12 @@ def test_bad_inputs_raise_clear_errors():
         ((W, A, B, m.tolist()), TypeError, "magnitude must be a torch.Tensor"),
     ]:
         with pytest.raises(error, match=pattern):
-            dora.dora_weight(*args, 1.0)
+            dora.check_dora_inputs(*args, 1.0)
     with pytest.raises(TypeError, match="scaling"):
-        dora.dora_weight(W, A, B, m, float("inf"))
+        dora.check_dora_inputs(W, A, B, m, float("inf"))
+    dora.check_dora_inputs(W, A, B, m, 1.0)  # the good inputs pass
     with pytest.raises(ValueError, match="in_features=5"):
-        dora.dora_forward(torch.randn(3, 6), W, None, A, B, m, 1.0)
+        dora.DoRALinear(base, 2, 1.0)(torch.randn(3, 6))
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ValueError, match="targets"):
         dora.apply_dora(model, ("no_such_layer",))
@@ -639,13 +641,11 @@ def test_bad_inputs_raise_clear_errors():
     layer = dora.DoRALinear(base, 2, 1.0)
     with pytest.raises(ValueError, match="x must be a tensor of shape"):
         layer(torch.tensor(2.0))
-    with pytest.raises(ValueError, match="x must be a tensor of shape"):
-        dora.dora_forward(torch.tensor(2.0), W, None, A, B, m, 1.0)
 
 
 def test_inputs_are_checked_where_they_enter_not_on_every_forward(monkeypatch):
-    """check_dora_inputs runs in the public pure functions; the module's forward, whose tensors
-    were checked when the layer was built, does not run it."""
+    """check_dora_inputs is the door for a caller's own tensors: neither the layer's forward
+    (its tensors were made by its constructor) nor the math (dora_weight, dora_forward) runs it."""
     calls = []
     check = dora.check_dora_inputs
     monkeypatch.setattr(dora, "check_dora_inputs", lambda *args: calls.append(1) or check(*args))
@@ -655,8 +655,10 @@ def test_inputs_are_checked_where_they_enter_not_on_every_forward(monkeypatch):
     layer(x)
     layer.eval()
     layer(x)
-    assert calls == []
     dora.dora_forward(x, layer.base.weight, None, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
+    dora.dora_weight(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
+    assert calls == []
+    dora.check_dora_inputs(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, 1.0)
     assert calls == [1]
 
 

@@ -2,7 +2,7 @@
 imports) and import-linter (the packages' layers and the ground floor), both configured in
 pyproject.toml; plus the graph of the top-level modules, which import-linter cannot see (grimp
 builds graphs of packages only): no module imports one that imports it back, and tier 1 imports
-only tier 1 and the ground floor.
+only tier 1 and the ground floor. Functions are called directly, never found by name.
 """
 import ast
 import glob
@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIER_1 = {"tiny_gpt", "lora", "dora", "vera", "nf4", "qlora", "paged_optim", "adapters", "checks"}
-GROUND_FLOOR = {"kernels", "integrity"}
+GROUND_FLOOR = {"fast_paths", "integrity"}
 PRODUCT = {"formats", "training", "oracle_kit", "papers"}
 ENTRY_POINTS = {"train", "sample", "bench", "oracle", "experiments"}
 PROJECT = TIER_1 | GROUND_FLOOR | PRODUCT | ENTRY_POINTS
@@ -82,3 +82,22 @@ def test_no_module_imports_one_that_imports_it_back():
                     seen.add(nxt)
                     stack.append((nxt, path + [nxt]))
     assert not cycles, cycles[:5]
+
+
+def test_no_module_finds_a_function_by_name_or_re_exports_lazily():
+    """Functions are called directly: no lookup through sys.modules, no module __getattr__."""
+    paths = glob.glob(os.path.join(ROOT, "*.py"))
+    for package in GROUND_FLOOR | PRODUCT:
+        paths += glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)
+    found = []
+    for path in sorted(paths):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            by_name = isinstance(node, ast.Attribute) and node.attr == "modules" and \
+                isinstance(node.value, ast.Name) and node.value.id == "sys"
+            lazy = isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and \
+                node in tree.body
+            if by_name or lazy:
+                found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not found, found

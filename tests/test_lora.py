@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import adapters
 import lora
 from assertions import assert_same
+from fast_paths import low_rank
 from tiny_gpt import GPT, GPTConfig
 
 # Tolerance as a multiple of `scale` (see the module docstring) for one forward or backward pass.
@@ -122,7 +124,7 @@ def cases(draw, dtypes=DTYPES):
     out_features = draw(st.integers(1, 48))
     return Case(
         in_features, out_features,
-        # up to full rank min(in, out) and beyond it, to max(in, out) (adapters.check_rank)
+        # up to full rank min(in, out) and beyond it, to max(in, out) (checks.check_rank)
         r=draw(st.integers(1, max(in_features, out_features))),
         alpha=draw(st.floats(0.125, 64.0)),
         dtype=draw(st.sampled_from(dtypes)),
@@ -210,7 +212,8 @@ def test_forward_equals_formula(case):
     assert_near(out, exact, scale, TOL[case.dtype])
     # The layer is the fast path: the base's output, then add_low_rank_ into it, bit for bit.
     tokens = x.reshape(-1, case.in_features)  # (N, in)
-    fast = lora.add_low_rank_(F.linear(tokens, W, layer.base.bias), tokens, A, B, layer.scaling)
+    fast = low_rank.add_low_rank_(F.linear(tokens, W, layer.base.bias), tokens, A, B,
+                                  layer.scaling)
     assert_same(fast.view(out.shape), out, "add_low_rank_ against the layer")
     # ... and the plain eq. 3 (lora_forward) within FAST_PATH_TOL (see there).
     plain = lora.lora_forward(x, W, layer.base.bias, A, B, layer.scaling)
@@ -447,20 +450,20 @@ def test_dropout_on_adapter_input_only(case, p, dropout_seed):
 
 
 @given(cases())
-def test_add_low_rank_keeps_y_and_add_low_rank__adds_into_it(case):
+def test_add_low_rank__adds_into_y_unless_the_dtypes_differ(case):
     """The layer adds the low-rank term into the base's fresh output (`add_low_rank_`, no copy of
-    the activations); the pure `add_low_rank` returns a new tensor with the same bits and leaves y
-    alone, and so does `add_low_rank_` when y's dtype is not the adapter's (it sums in a copy)."""
+    the activations): into y itself when y has the adapter's dtype, else into a copy, leaving y
+    alone. Either way the bits are those of the same add into a copy of y."""
     layer, x = case.build()
     W, b, A, B = (t.detach() for t in case.weights(layer))
     x2 = x.reshape(-1, case.in_features)  # (N, in)
     y = F.linear(x2, W, b)  # (N, out)
     y0 = y.clone()
-    pure = lora.add_low_rank(y, x2, A, B, case.scaling())
-    assert_same(y, y0, "y after add_low_rank")
-    assert pure is not y
-    in_place = lora.add_low_rank_(y, x2, A, B, case.scaling())
-    assert_same(in_place, pure, "add_low_rank_ against add_low_rank")
+    on_a_copy = low_rank.add_low_rank_(y.to(A.dtype, copy=True), x2, A, B, case.scaling())
+    assert_same(y, y0, "y after the add into a copy")
+    assert on_a_copy is not y
+    in_place = low_rank.add_low_rank_(y, x2, A, B, case.scaling())
+    assert_same(in_place, on_a_copy.to(y.dtype), "add_low_rank_ into y against into a copy")
     assert (in_place is y) == (y.dtype == A.dtype)
     assert_same(y, in_place if y.dtype == A.dtype else y0, "y after add_low_rank_")
 

@@ -1,5 +1,5 @@
-"""Tests for oracle.py (and docs/oracle.md); its plain implementations serve test_oracle_cases.py
-and test_oracle_golden.py too.
+"""Tests for oracle.py (and docs/oracle.md); its plain implementations serve
+test_oracle_kit_cases.py and test_oracle_kit_golden.py too.
 
 Every checker must accept this project's functions and an independent plain implementation of the
 same contract written here, and reject known mistakes with the minimal case in its message.
@@ -16,9 +16,9 @@ import dora
 import lora
 import nf4
 import oracle
-import oracle_cases
 import paged_optim
 import vera
+from oracle_kit import cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = 3  # drawn cases beyond the explicit ones; those alone catch every mistake below
@@ -176,7 +176,7 @@ ACCEPTED = [
 def test_checker_accepts_the_reference_and_a_plain_implementation(checker, fn):
     tried = checker(fn, examples=EXAMPLES)
     contract = checker.__name__[len("check_"):]
-    assert tried["cases"] >= len(oracle_cases.EXAMPLES[contract]) + 1
+    assert tried["cases"] >= len(cases.EXAMPLES[contract]) + 1
     if contract == "nf4_quantize":
         assert {"nf4_ties", "dynamic_ties", "zero_blocks", "heavy"} <= set(tried["values"])
         assert set(tried["dtype"]) == {"float32", "float16", "bfloat16"}
@@ -276,7 +276,7 @@ def test_a_crash_a_wrong_type_and_a_missing_gradient_are_reported_with_the_case(
     with pytest.raises(AssertionError, match="y does not require grad"):
         oracle.check_lora_forward(no_grad, examples=0)
     tried = oracle.check_lora_forward(no_grad, examples=0, gradients=False)
-    assert tried["cases"] == len(oracle_cases.EXAMPLES["lora_forward"])
+    assert tried["cases"] == len(cases.EXAMPLES["lora_forward"])
 
 
 @pytest.mark.parametrize("options, error", [({"examples": -1}, ValueError),

@@ -15,11 +15,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import exercises  # noqa: F401 (loads tests/exercises*.py in their order)
+import oracle
 import paged_optim
 from assertions import assert_same
-import exercises  # noqa: F401 (loads tests/exercises*.py in their order)
 from exercises_quantization import adamw_step_textbook_order
-from paged_optim import DEFAULT_PAGE_BYTES, STATE_NAMES, PagedAdamW, adamw_step, adamw_step_foreach
+from fast_paths import adamw_foreach
+from fast_paths.adamw_foreach import adamw_step_foreach
+from paged_optim import DEFAULT_PAGE_BYTES, STATE_NAMES, PagedAdamW, adamw_step
 
 shapes_st = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=3).map(tuple),
                      min_size=1, max_size=4)
@@ -130,15 +133,15 @@ def test_textbook_adamw_is_right_math_other_rounding():
 
 @given(shapes=st.lists(st.lists(st.integers(0, 30), max_size=2).map(tuple), min_size=1,
                        max_size=6),
-       dtypes=st.lists(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-                       min_size=6, max_size=6),
+       dtypes=st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=6, max_size=6),
        steps=st.lists(st.integers(1, 50), min_size=6, max_size=6), seed=st.integers(0, 2**16),
        weight_decay=st.sampled_from([0.0, 0.1]), batch=st.sampled_from([1, 7, 64, 1 << 18]))
 def test_adamw_step_foreach_equals_adamw_step_bit_for_bit(shapes, dtypes, steps, seed,
                                                           weight_decay, batch):
-    """The batched form gives adamw_step's bits for every piece, each with its own step t, in
-    batches of any size; bfloat16 pieces (not batched) among float32 and float64 ones."""
-    default_batch, paged_optim.BATCH_ELEMENTS = paged_optim.BATCH_ELEMENTS, batch
+    """The batched kernel gives adamw_step's bits for every piece, each with its own step t, in
+    batches of any size, float32 and float64 mixed (the dtypes it supports, tested below)."""
+    default_batch = adamw_foreach.BATCH_ELEMENTS
+    adamw_foreach.BATCH_ELEMENTS = batch
     try:
         gen = torch.Generator().manual_seed(seed)
         tensors = [[torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -152,10 +155,28 @@ def test_adamw_step_foreach_equals_adamw_step_bit_for_bit(shapes, dtypes, steps,
         batched = [[t.clone() for t in tensor] for tensor in tensors]
         adamw_step_foreach([(*tensor, step) for tensor, step in zip(batched, steps)], *hyper)
     finally:
-        paged_optim.BATCH_ELEMENTS = default_batch
+        adamw_foreach.BATCH_ELEMENTS = default_batch
     for i, expected in enumerate(plain):
         for k, name in enumerate(("param", "grad", "exp_avg", "exp_avg_sq")):
             assert_same(batched[i][k], expected[k], f"tensor {i} {name}")
+
+
+def test_adamw_step_foreach_passes_the_oracle():
+    """The project's fast path is the oracle's first client: one piece a call, torch's bits."""
+    def one_piece(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+        adamw_step_foreach([(param, grad, exp_avg, exp_avg_sq, step)], lr, betas, eps,
+                           weight_decay)
+    oracle.check_adamw_step(one_piece, examples=10)
+
+
+def test_adamw_step_foreach_takes_cpu_float32_and_float64_only():
+    """CUDA's _foreach_ kernels round differently, and _foreach_mul_ rounds a scalar to 16 bits:
+    PagedAdamW sends every other tensor to adamw_step (both kinds are compared with AdamW here)."""
+    assert adamw_foreach.supported(torch.zeros(2))
+    assert adamw_foreach.supported(torch.zeros(2, dtype=torch.float64))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not adamw_foreach.supported(torch.zeros(2, dtype=dtype))
+    assert not adamw_foreach.supported(torch.zeros(2, device="meta"))
 
 
 # --- PagedAdamW against torch.optim.AdamW --------------------------------------------------------
@@ -249,8 +270,11 @@ def test_pages_paged_out_are_the_least_recently_used(shapes, page_bytes, budget_
     opt = PagedAdamW(params, page_bytes=page_bytes, device_budget_bytes=budget)
     paged_out = []
     real_page_out = opt.page_out
-    opt.page_out = lambda pages: (paged_out.extend((p.param_index, p.state_name, p.start)
-                                                   for p in pages), real_page_out(pages))
+
+    def recorded_page_out(pages):  # returns the freed device memory, as page_out does
+        paged_out.extend((p.param_index, p.state_name, p.start) for p in pages)
+        return real_page_out(pages)
+    opt.page_out = recorded_page_out
     train(opt, params, steps, seed, masks)
     expected_out, expected_lru = reference_lru([torch.Size(s).numel() for s in shapes], 4,
                                                page_bytes, budget, masks)

@@ -4,11 +4,11 @@ folder a whole `train.py` run fills is tested in test_train.py and test_sample.p
 import pytest
 import torch
 
-import runs
 from assertions import assert_same
-
+from training import runs
 
 # --------------------------------------------------------------------------- texts and tokens
+
 
 def test_vocab_has_unk_first_and_unknown_characters_map_to_it():
     vocab = runs.build_vocab("banana")

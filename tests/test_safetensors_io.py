@@ -12,11 +12,12 @@ import sys
 
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-import safetensors_io
 from assertions import assert_same
-from safetensors_io import atomic_write, load_file, remove_stale_temporaries, save_file
+from formats import safetensors_io
+from formats.safetensors_io import atomic_write, load_file, remove_stale_temporaries, save_file
 
 PROJECT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8,
                   torch.int32, torch.int64]
@@ -73,7 +74,7 @@ metadata_dicts = st.dictionaries(st.text(max_size=10).filter(lambda k: k != "con
 # -------------------------------------------------------------------------------------------------
 # Round trips
 
-@pytest.mark.exercise("safetensors_io.save_file")
+@pytest.mark.exercise("formats.safetensors_io.save_file")
 @given(tensors=tensor_dicts, metadata=metadata_dicts)
 def test_round_trip_is_bit_exact(tmp_path_factory, tensors, metadata):
     path = str(tmp_path_factory.mktemp("st") / "t.safetensors")
@@ -119,7 +120,7 @@ def test_grad_tensors_and_empty_dicts(tmp_path):
     assert load_file(tmp_path / "empty.st") == ({}, {})
 
 
-@pytest.mark.exercise("safetensors_io.save_file")
+@pytest.mark.exercise("formats.safetensors_io.save_file")
 def test_layout_follows_the_reference_writer(tmp_path):
     """Header padded to 8 bytes; tensors by decreasing element size, then name; aligned offsets."""
     tensors = {"b": torch.zeros(3, dtype=torch.uint8), "a": torch.zeros(1, dtype=torch.uint8),
@@ -138,7 +139,7 @@ def test_layout_follows_the_reference_writer(tmp_path):
 # -------------------------------------------------------------------------------------------------
 # The `safetensors` package as oracle, both ways
 
-@pytest.mark.exercise("safetensors_io.save_file")
+@pytest.mark.exercise("formats.safetensors_io.save_file")
 @given(tensors=tensor_dicts, metadata=metadata_dicts)
 def test_reference_reads_our_files(tmp_path_factory, tensors, metadata):
     safetensors = pytest.importorskip("safetensors")
@@ -172,7 +173,7 @@ def load_checksum(path) -> str:
         return file.read()[HASH_DIGITS_AT:HASH_DIGITS_AT + 64].decode()
 
 
-@pytest.mark.exercise("safetensors_io.save_file")
+@pytest.mark.exercise("formats.safetensors_io.save_file")
 def test_checksum_is_the_documented_sha256(tmp_path):
     """content_sha256 = sha256(file with its own 64 hex digits replaced by '0'), the first entry."""
     save_file({"w": torch.arange(5.0)}, tmp_path / "t.st", {"note": "x"})
@@ -299,7 +300,8 @@ def test_files_without_checksum_load_unless_one_is_required(tmp_path):
 def test_our_file_rewritten_by_the_reference_is_refused(tmp_path):
     """Its checksum entry survives the rewrite but no longer describes the bytes."""
     safetensors = pytest.importorskip("safetensors")
-    from safetensors.torch import load_file as reference_load, save_file as reference_save
+    from safetensors.torch import load_file as reference_load
+    from safetensors.torch import save_file as reference_save
     path = tmp_path / "t.safetensors"
     save_file({"w": torch.arange(3.0)}, path, {"note": "x"})
     with safetensors.safe_open(str(path), framework="pt") as file:

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-import runs
 import sample
 import train
 from assertions import assert_same
 from test_train import copy_of_quick_run, flip_byte, one_line, quick_run
+from training import runs
 
 METHODS = ("base",) + train.METHODS
 

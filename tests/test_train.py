@@ -17,10 +17,10 @@ import torch
 
 import adapters
 import lora
-import safetensors_io
-import runs
 import train
 from assertions import assert_same
+from formats import safetensors_io
+from training import runs
 
 QUICK = train.TrainConfig(**train.QUICK)
 
@@ -114,11 +114,11 @@ def test_format_table_aligns_any_columns():
     assert table.splitlines() == ["name  value", "----  -----", "a       1.0", "long   22.2"]
 
 
-def test_train_and_sample_stay_within_the_reading_limits():
+def test_train_and_sample_lines_fit_100_characters():
+    # No line-count cap (issue 21: PEP 8 spacing instead); ruff checks the rest of the layout.
     for name in ("train.py", "sample.py"):
         with open(os.path.join(os.path.dirname(train.__file__), name), encoding="utf-8") as f:
             lines = f.read().splitlines()
-        assert len(lines) <= 450, name
         assert max(len(line) for line in lines) <= 100, name
 
 

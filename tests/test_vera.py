@@ -22,6 +22,8 @@ import adapters
 import lora
 import vera
 from assertions import assert_same
+from fast_paths import low_rank
+from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
 from vera import VeRALinear, VeRAProjection
 
@@ -168,8 +170,8 @@ def test_forward_equals_the_equation(shape, seed, dtype):
     torch.testing.assert_close(y, equation_reference(layer, x).to(dtype), **TOL[dtype])
     # the module is the fast path, bit for bit: the base's output, then add_vera_ into it
     tokens = x.reshape(-1, shape[0])  # (N, in)
-    fast = vera.add_vera_(layer.base(tokens), tokens, layer.vera_A, layer.vera_B, layer.lambda_d,
-                          layer.lambda_b)
+    fast = low_rank.add_vera_(layer.base(tokens), tokens, layer.vera_A, layer.vera_B,
+                              layer.lambda_d, layer.lambda_b)
     torch.testing.assert_close(fast.view(y.shape), y, **EXACT)
     # the plain eq. 2 (vera_forward) associates the products otherwise (Λ_b applied to the
     # activations, not folded into B): equal within the same tolerance as the equation's
@@ -306,21 +308,28 @@ def test_merge_adapters_gives_a_plain_gpt_with_the_same_outputs():
     torch.testing.assert_close(merged(idx)[0], model(idx)[0], **TOL[torch.float32])
 
 
+def add_vera_on_a_copy(layer, x, dropped):
+    """The base's output for x plus Λ_b B Λ_d A d(x), by the in-place kernel on fresh tensors."""
+    tokens = dropped.reshape(-1, dropped.shape[-1])  # (N, in)
+    y = layer.base(x.reshape(tokens.shape))  # (N, out), fresh
+    out = low_rank.add_vera_(y, tokens, layer.vera_A, layer.vera_B, layer.lambda_d,
+                             layer.lambda_b)
+    return out.view(*x.shape[:-1], -1)
+
+
 @pytest.mark.exercise("vera.vera_forward")
 def test_dropout_is_on_the_adapter_input_only():
     layer, x = make_layer((8, 6, 4, 8, 6), 0, torch.float32)
     layer.vera_dropout = nn.Dropout(0.5)
     layer.eval()
-    without = vera.add_vera(layer.base(x), x, layer.vera_A, layer.vera_B, layer.lambda_d,
-                            layer.lambda_b)
+    without = add_vera_on_a_copy(layer, x, x)
     torch.testing.assert_close(layer(x), without, **EXACT)
     layer.train()
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
     dropped = F.dropout(x, 0.5, training=True)
-    expected = vera.add_vera(layer.base(x), dropped, layer.vera_A, layer.vera_B, layer.lambda_d,
-                             layer.lambda_b)
+    expected = add_vera_on_a_copy(layer, x, dropped)
     torch.testing.assert_close(y, expected, **EXACT)
     torch.manual_seed(5)
     plain = vera.vera_forward(x, layer.base.weight, layer.base.bias, layer.vera_A, layer.vera_B,
@@ -367,7 +376,7 @@ def test_trainable_parameters_equal_the_formula(n_layer, n_embd, r):
     model = vera.apply_vera(tiny_gpt(n_layer, C), "all-linear", r=r, seed=0)
     # Σ over the targets of (r + out): q, k, v, o, down have out = C, up has out = 4C
     assert adapters.count_trainable(model) == n_layer * (6 * r + 9 * C)
-    r_qv = min(r, C)  # q and v are C -> C: ranks beyond C are refused (adapters.check_rank)
+    r_qv = min(r, C)  # q and v are C -> C: ranks beyond C are refused (checks.check_rank)
     qv = vera.apply_vera(tiny_gpt(n_layer, C), ("q_proj", "v_proj"), r=r_qv, seed=0)
     assert adapters.count_trainable(qv) == n_layer * 2 * (r_qv + C)
     lora_model = lora.apply_lora(tiny_gpt(n_layer, C), "all-linear", r=8, seed=0)
@@ -417,8 +426,8 @@ def test_apply_vera_has_defaults_like_the_other_methods():
 
 
 # --------------------------------------------------------------------------------------------------
-# Adapter directories (adapters.save_adapter / load_adapter): what is VeRA's own. The format and
-# every refusal in general are tested in tests/test_adapter_files.py.
+# Adapter directories (adapter_files.save_adapter / load_adapter): what is VeRA's own. The format
+# and every refusal in general are tested in tests/test_adapter_files.py.
 
 def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
     model = vera.apply_vera(tiny_gpt(n_embd=n_embd), "all-linear", r=8, seed=seed)
@@ -428,13 +437,13 @@ def trained_vera_gpt(vector_seed, seed=3, n_embd=16):
 
 def test_a_directory_holds_the_vectors_seed_and_checksum_never_the_matrices(tmp_path):
     model, idx = trained_vera_gpt(0), token_batch()
-    adapters.save_adapter(model, tmp_path / "a")
-    saved = adapters.read_adapter(tmp_path / "a")
+    adapter_files.save_adapter(model, tmp_path / "a")
+    saved = adapter_files.read_adapter(tmp_path / "a")
     assert saved.config["projection_prng_key"] == 3 and saved.config["save_projection"] is False
     assert saved.metadata["vera_projection_sha256"] == vera.projection_checksum(
         *vera.vera_projections(8, 64, 64, 3))
     assert sum(t.numel() for t in saved.tensors.values()) == adapters.count_trainable(model)
-    fresh = adapters.apply_saved_adapter(tiny_gpt(), tmp_path / "a")  # regenerates the pair
+    fresh = adapter_files.apply_saved_adapter(tiny_gpt(), tmp_path / "a")  # regenerates the pair
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], **EXACT)
 
 
@@ -443,8 +452,9 @@ def test_switching_among_adapters_copies_vectors_only(tmp_path):
     saved, expected = [], []
     for i in range(3):
         model = trained_vera_gpt(10 + i)
-        adapters.save_adapter(model, tmp_path / f"adapter{i}")
-        saved.append(adapters.read_adapter(tmp_path / f"adapter{i}"))  # read once, switch often
+        adapter_files.save_adapter(model, tmp_path / f"adapter{i}")
+        # read once, switch often
+        saved.append(adapter_files.read_adapter(tmp_path / f"adapter{i}"))
         expected.append(model(idx)[0])
     live = vera.apply_vera(tiny_gpt(), "all-linear", r=8, seed=3)
     layers = list(vera.vera_layers(live).values())
@@ -452,7 +462,7 @@ def test_switching_among_adapters_copies_vectors_only(tmp_path):
     projection = vera.vera_projection_of(live)
     A = projection.vera_A.clone()
     for order in (0, 2, 1, 0):
-        adapters.load_adapter(live, saved[order], check_base=False)
+        adapter_files.load_adapter(live, saved[order], check_base=False)
         torch.testing.assert_close(live(idx)[0], expected[order], **EXACT)
     assert list(vera.vera_layers(live).values()) == layers  # the same layer objects: no rebuild
     assert vera.vera_projection_of(live) is projection
@@ -465,7 +475,7 @@ def test_switching_among_adapters_copies_vectors_only(tmp_path):
 
 def test_checksum_or_seed_mismatch_fails_clearly(tmp_path, monkeypatch):
     directory = tmp_path / "a"
-    adapters.save_adapter(trained_vera_gpt(0), directory)
+    adapter_files.save_adapter(trained_vera_gpt(0), directory)
     # this machine's generator draws other matrices from the same seed than the training one did
     draw = vera.vera_projections
     monkeypatch.setattr(vera, "vera_projections",
@@ -473,13 +483,13 @@ def test_checksum_or_seed_mismatch_fails_clearly(tmp_path, monkeypatch):
     bare = tiny_gpt()
     with pytest.raises(ValueError, match="vera_projection_sha256 is '[0-9a-f]{64}' in the file "
                                          "but '[0-9a-f]{64}' in the model"):
-        adapters.apply_saved_adapter(bare, directory)
+        adapter_files.apply_saved_adapter(bare, directory)
     assert not vera.vera_layers(bare)  # refused, and the model left as it was
     monkeypatch.undo()
     with pytest.raises(ValueError, match="projection_prng_key is 3 in the file but 4 in the model"):
-        adapters.load_adapter(trained_vera_gpt(0, seed=4), directory)
+        adapter_files.load_adapter(trained_vera_gpt(0, seed=4), directory)
     with pytest.raises(TypeError, match="a tensor dict has no r, alpha, seed to check"):
-        adapters.load_adapter(trained_vera_gpt(1), adapters.adapter_state_dict(bare_vera()))
+        adapter_files.load_adapter(trained_vera_gpt(1), adapters.adapter_state_dict(bare_vera()))
 
 
 def bare_vera():
@@ -524,7 +534,7 @@ class ThreeLinears(nn.Module):
        d_initial=st.sampled_from([0.1, 1.0, -0.5]))
 @settings(max_examples=15)
 def test_matches_peft_vera(seed, r, widths, d_initial):
-    r = min(r, max(widths))  # ranks beyond the widest target are refused (adapters.check_rank)
+    r = min(r, max(widths))  # ranks beyond the widest target are refused (checks.check_rank)
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)  # for nn.Linear's own init and PEFT's placeholder vectors
     model = ThreeLinears(*widths)

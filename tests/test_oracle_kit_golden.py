@@ -1,4 +1,4 @@
-"""Tests for oracle_golden.py: `python oracle.py golden DIR` and `verify DIR`.
+"""Tests for oracle_kit/golden.py: `python oracle.py golden DIR` and `verify DIR`.
 
 The golden files must round-trip through `verify`, fail it when a byte or the manifest changes,
 hold bitsandbytes' bytes for NF4, and load with the `safetensors` package.
@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import nf4
-import oracle_golden
-import safetensors_io
+import oracle_kit.golden
 from assertions import assert_same
+from formats import safetensors_io
 from test_oracle import ROOT, plain_quantize
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("golden"))
-    assert oracle_golden.main(["golden", directory]) == 0
+    assert oracle_kit.golden.main(["golden", directory]) == 0
     with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as file:
         return directory, json.load(file)["cases"]
 
@@ -50,7 +50,7 @@ def test_golden_files_cover_the_contracts_and_verify(golden, capsys):
     adamw_case = next(c for c in cases if c["function"] == "paged_optim.adamw_step")
     adamw_tensors, _ = safetensors_io.load_file(os.path.join(directory, adamw_case["file"]))
     assert adamw_tensors["grads"].shape[0] > 1  # several steps
-    assert oracle_golden.main(["verify", directory]) == 0
+    assert oracle_kit.golden.main(["verify", directory]) == 0
     assert capsys.readouterr().out.strip().endswith("every case matches the reference")
 
 
@@ -68,7 +68,7 @@ def test_a_changed_byte_makes_verify_fail_naming_the_case(golden, tmp_path, caps
     tensors["packed"][3] ^= 0x10  # a valid file with a wrong byte: only recomputing finds it
     metadata.pop(safetensors_io.CHECKSUM_KEY, None)
     safetensors_io.save_file(tensors, os.path.join(directory, resaved), metadata)
-    assert oracle_golden.main(["verify", directory]) == 1
+    assert oracle_kit.golden.main(["verify", directory]) == 1
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out if line.startswith("DIFFERS")] == \
         [f"DIFFERS {damaged}", f"DIFFERS {resaved}"]
@@ -87,13 +87,13 @@ def test_an_edited_or_damaged_manifest_makes_verify_fail(golden, tmp_path, capsy
     entry["atol"][name] *= 2  # a looser tolerance: every file still matches the reference
     with open(path, "w", encoding="utf-8") as file:
         json.dump(manifest, file)
-    assert oracle_golden.main(["verify", directory]) == 1
+    assert oracle_kit.golden.main(["verify", directory]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("DIFFERS manifest.json: cases_sha256 differs (edited or damaged); run "
                       "golden again") and out[-1] == "1 case(s) differ"
     with open(path, "w", encoding="utf-8") as file:
         file.write('{"cases": [')  # cut short
-    assert oracle_golden.main(["verify", directory]) == 1
+    assert oracle_kit.golden.main(["verify", directory]) == 1
     assert "manifest.json: unreadable (JSONDecodeError)" in capsys.readouterr().out
 
 
@@ -102,7 +102,7 @@ def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys, monkeyp
     not_a_directory.write_text("x")
     for argv in ([], ["golden"], ["check", str(tmp_path)], ["verify", str(tmp_path)],
                  ["golden", str(not_a_directory)], ["verify", str(tmp_path), "more"]):
-        assert oracle_golden.main(argv) == 2
+        assert oracle_kit.golden.main(argv) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     monkeypatch.setattr(sys, "argv", ["oracle.py", "verify"])  # `python oracle.py verify`

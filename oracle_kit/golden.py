@@ -1,14 +1,14 @@
 """Golden files: the oracle's cases on disk, for implementations in C, CUDA, Rust or anything else.
 
-`python oracle.py golden DIR` writes one safetensors file per case of oracle_cases.GOLDEN (with the
-project's own writer, safetensors_io.py: a checksum of the contents in its metadata) and
+`python oracle.py golden DIR` writes one safetensors file per case of oracle_kit.cases.GOLDEN (with
+the project's own writer, formats/safetensors_io.py: a checksum of the contents in its metadata) and
 DIR/manifest.json, {"cases": [{"file", "function", "args", "inputs", "outputs", "atol", "case"}],
 "cases_sha256": the SHA-256 of the cases as JSON with sorted keys, which verify checks}: the
 tensors named in "inputs" and "outputs" are in the file, "args" are the function's other
 arguments, "atol" the tolerance of each float64 output (absent: bit for bit), "case" what
-oracle_cases.case_inputs rebuilds the inputs from. `python oracle.py verify DIR` recomputes every
-case with the reference and prints a line per case that differs (exit status 1 if any). Usage
-errors print one line and exit with status 2. docs/oracle.md describes the layout.
+oracle_kit.cases.case_inputs rebuilds the inputs from. `python oracle.py verify DIR` recomputes
+every case with the reference and prints a line per case that differs (exit status 1 if any).
+Usage errors print one line and exit with status 2. docs/oracle.md describes the layout.
 """
 from __future__ import annotations
 
@@ -19,11 +19,15 @@ import sys
 import torch
 
 import nf4
-import oracle
-import oracle_cases
-import safetensors_io
-from oracle import ADAPTER_ARGS, FUNCTIONS, adapter_tolerances, expected_outputs
-from oracle_cases import DTYPES, case_inputs
+from formats import safetensors_io
+from oracle_kit.cases import DTYPES, GOLDEN, case_inputs
+from oracle_kit.references import (
+    ADAPTER_ARGS,
+    FUNCTIONS,
+    adapter_tolerances,
+    expected_outputs,
+    raw_bits,
+)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -67,7 +71,7 @@ def write_golden(directory: str) -> int:
     """Write every golden case and manifest.json into `directory`; returns the number of cases."""
     os.makedirs(directory, exist_ok=True)
     manifest = []
-    for contract, cases in oracle_cases.GOLDEN.items():
+    for contract, cases in GOLDEN.items():
         for i, case in enumerate(cases):
             inputs = case_inputs(contract, case)
             tensors, args, inputs, outputs, atol = golden_case(contract, inputs)
@@ -101,9 +105,9 @@ def verify_case(directory: str, entry: dict) -> list:
             error = (want - have).abs().max().item()
             if not error <= GOLDEN_REL * want.abs().max().item():
                 problems.append(f"{name} differs from the reference by up to {error:.3g}")
-        elif not oracle.raw_bits(want).equal(oracle.raw_bits(have)):
-            problems.append(f"{name} differs from the reference at element "
-                            f"{int((oracle.raw_bits(want) != oracle.raw_bits(have)).nonzero()[0])}")
+        elif not raw_bits(want).equal(raw_bits(have)):
+            first = int((raw_bits(want) != raw_bits(have)).nonzero()[0])
+            problems.append(f"{name} differs from the reference at element {first}")
     return problems
 
 
@@ -152,4 +156,3 @@ def main(argv: list) -> int:
         print(f"DIFFERS {line}")
     print(f"{len(failures)} case(s) differ" if failures else "every case matches the reference")
     return 1 if failures else 0
-

@@ -30,11 +30,10 @@ import torch.nn as nn
 
 import dora
 import lora
-import safetensors_io
 import vera
-from adapters import (ALL_LINEAR, adapter_layers, is_linear_like, loadable_adapter_layers,
-                      matches_targets, replace_submodule)
+from adapters import ALL_LINEAR, AdapterLinear, adapter_layers, is_linear_like, replace_submodule
 from checks import check_bool, check_int, check_number, check_probability
+from formats import safetensors_io
 
 CONFIG_FILE = "adapter_config.json"
 TENSOR_FILE = "adapter_model.safetensors"
@@ -75,6 +74,28 @@ UNSUPPORTED_OPTIONS = ("fan_in_fan_out", "modules_to_save", "rank_pattern", "alp
                        "layers_to_transform", "layers_pattern", "exclude_modules", "lora_bias",
                        "use_qalora", "layer_replication", "target_parameters",
                        "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+
+
+def matches_targets(name: str, target_modules) -> bool:
+    """PEFT's rule: a list holds names or suffixes ("q_proj" matches "blocks.0.attn.q_proj"); a
+    string is a regular expression the whole name must match; "all-linear": the tensors decide."""
+    if target_modules == ALL_LINEAR:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The model's adapter layers, refused if there are none or any is merged."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapter layers to load into (apply_saved_adapter builds "
+                         "them)")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("unmerge the adapters before loading new ones (a merged base would keep "
+                         "the old update)")
+    return layers
 
 
 @dataclasses.dataclass

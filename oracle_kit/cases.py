@@ -16,7 +16,7 @@ The kinds of values are those that catch real mistakes:
   adapters beside them, as adapters.adapter_dtype does), B not zero; for DoRA maybe a zero row.
 - AdamW: 1-3 consecutive calls from step 1 (zero state) or late steps, tiny gradients where eps
   dominates the denominator, zero gradients, weight decay on and off.
-The paper each contract comes from is cited in oracle.py.
+The paper each contract comes from is cited in oracle_kit/references.py.
 """
 from __future__ import annotations
 

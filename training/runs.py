@@ -35,9 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-import adapters
 import qlora
-import safetensors_io
+from formats import adapter_files, safetensors_io
 from tiny_gpt import GPT, GPTConfig
 
 UNK = "\x00"  # the unknown character; id 0
@@ -191,8 +190,10 @@ def record(out: str, name: str, entry: dict, row: dict | None = None, order=()) 
     methods' stay."""
     update_json(os.path.join(out, "run.json"), lambda run: {**(run or {}), name: entry})
     if row is not None:
-        rows = lambda rows: sorted([r for r in rows or [] if r["method"] != name] + [row],
-                                   key=lambda r: order.index(r["method"]))
+        def rows(old_rows):
+            kept = [r for r in old_rows or [] if r["method"] != name]
+            return sorted(kept + [row], key=lambda r: order.index(r["method"]))
+
         update_json(os.path.join(out, "results.json"), rows)
 
 
@@ -227,7 +228,7 @@ def save_weights(method: str, model: torch.nn.Module, path: str) -> int:
     if method == "full":
         safetensors_io.save_file(model.state_dict(), path)
     else:
-        adapters.save_adapter(model, path)
+        adapter_files.save_adapter(model, path)
     return path_bytes(path)
 
 
@@ -272,7 +273,7 @@ def load_model(out: str, method: str) -> tuple[torch.nn.Module, str]:
             qlora.quantize_model(model, targets, quantization["blocksize"],
                                  quantization["double_quant"],
                                  getattr(torch, quantization["compute_dtype"]))
-        model = adapters.apply_saved_adapter(model, weights)
+        model = adapter_files.apply_saved_adapter(model, weights)
     return model.eval(), base["vocab"]
 
 

@@ -1,4 +1,4 @@
-"""Tests for oracle_cases.py: the fixed cases really sit where the mistakes they catch show.
+"""Tests for oracle_kit/cases.py: the fixed cases really sit where the mistakes they catch show.
 
 The NF4 ties put scaled values exactly on the code's midpoints (where a naive argmin |s - q| is
 wrong), the dynamic-map ties put centred scales on the 8-bit map's midpoints, and the partial ties
@@ -7,8 +7,8 @@ put values where dividing by the block's absmax and multiplying by its reciproca
 import torch
 
 import nf4
-import oracle_cases
 from assertions import assert_same
+from oracle_kit import cases
 from test_oracle import nearest_by_argmin, nearest_by_midpoints
 
 
@@ -25,13 +25,13 @@ def test_naive_argmin_takes_the_upper_code_at_6_of_15_nf4_midpoints():
 
 def test_tie_cases_put_scaled_values_exactly_on_the_midpoints():
     code = nf4.nf4_code()
-    w = oracle_cases.nf4_weight(oracle_cases.EXAMPLES["nf4_quantize"][0]).reshape(-1)
+    w = cases.nf4_weight(cases.EXAMPLES["nf4_quantize"][0]).reshape(-1)
     scales = nf4.quantize_nf4(w, 32, False).absmax.repeat_interleave(32)[: w.numel()]
     assert set(((code[:-1] + code[1:]) / 2).tolist()) <= set((w / scales).tolist())
-    case = oracle_cases.EXAMPLES["nf4_quantize"][1]  # 256 blocks: all reachable dynamic ties
-    q = nf4.quantize_nf4(oracle_cases.nf4_weight(case), 32, True)
+    case = cases.EXAMPLES["nf4_quantize"][1]  # 256 blocks: all reachable dynamic ties
+    q = nf4.quantize_nf4(cases.nf4_weight(case), 32, True)
     assert q.offset.item() == 1.0 and q.nested_absmax.tolist() == [1.0]  # no rounding in s
-    centred = nf4.quantize_nf4(oracle_cases.nf4_weight(case), 32, False).absmax - 1.0
+    centred = nf4.quantize_nf4(cases.nf4_weight(case), 32, False).absmax - 1.0
     dynamic = nf4.dynamic_code()
     ties = torch.isin(centred, (dynamic[:-1] + dynamic[1:]) / 2)
     assert int(ties.sum()) == 84  # every midpoint m with 1 + m - 1 == m in float32
@@ -42,9 +42,9 @@ def test_tie_cases_put_scaled_values_exactly_on_the_midpoints():
 
 
 def test_partial_ties_split_division_and_reciprocal_across_a_midpoint():
-    case = oracle_cases.EXAMPLES["nf4_quantize"][-1]
+    case = cases.EXAMPLES["nf4_quantize"][-1]
     assert case["values"] == "partial_ties"
-    w = oracle_cases.nf4_weight(case).reshape(-1)
+    w = cases.nf4_weight(case).reshape(-1)
     full = w.numel() - w.numel() % case["blocksize"]
     last = w[full:]  # the partial block: its absmax first, then the straddling values
     c = last.abs().max()
@@ -53,4 +53,4 @@ def test_partial_ties_split_division_and_reciprocal_across_a_midpoint():
     by_division = nearest_by_midpoints(last / c, code)
     by_reciprocal = nearest_by_midpoints(last * c.reciprocal(), code)
     assert int((by_division != by_reciprocal).sum()) == last.numel() - 1  # all but the absmax
-    assert_same(nf4.quantize_nf4_plain(w, case["blocksize"], False).absmax[-1], c, "its absmax")
+    assert_same(nf4.quantize_nf4(w, case["blocksize"], False).absmax[-1], c, "its absmax")
