@@ -25,11 +25,11 @@ import torch
 
 import adapters
 import nf4
-import qlora
 from paged_optim import PagedAdamW
 from papers import four_bit
 from papers.runner import Experiment, mean_std, pm, text_table
 from train import METHOD_DEFAULTS, estimate_loss, make_optimizer, prepare, train_loop
+from training.memory import optimizer_state_bytes
 
 BLOCKSIZE = 64  # "blocksize of 64 for W" (QLoRA §3)
 NORMAL_SAMPLE = 2**20  # values of the standard normal sample of (a)
@@ -206,7 +206,7 @@ class DeviceAccount:
     def resident(self) -> int:
         if isinstance(self.optimizer, PagedAdamW):
             return self.optimizer.stats.resident_bytes
-        return qlora.optimizer_state_bytes(self.optimizer)
+        return optimizer_state_bytes(self.optimizer)
 
     def set_optimizer_budget(self, nbytes: int) -> None:
         """PagedAdamW's device budget, lowered or raised; pages over it go to the host now."""

@@ -49,7 +49,6 @@ from typing import Callable
 import torch
 
 import adapters
-from runs import build_vocab, finetuning_text, make_corpus, pretraining_text
 from train import (
     METHOD_DEFAULTS,
     QUICK,
@@ -61,6 +60,7 @@ from train import (
     pretrain,
     train_loop,
 )
+from training.runs import build_vocab, finetuning_text, make_corpus, pretraining_text
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from assertions import assert_same
 from hypothesis import given
 from hypothesis import strategies as st
 
 import nf4
+from assertions import assert_same
 from papers import four_bit
 
 # bitsandbytes' FP4 table (get_4bit_type("fp4"), 0.50.2) in nibble order, written as fractions of
