@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import experiments
-from papers import lora_experiments, runner
-from papers.lora_experiments import fitted_line, phi_grid
+from papers import dora_experiments, lora_experiments, measures, runner
+from papers.measures import fitted_line, phi_grid
 
 TOL = dict(rtol=0, atol=1e-12)
 
@@ -75,7 +75,7 @@ def test_phi_is_invariant_to_rescaling_A(shape, data, scale, negate):
                         experiments.subspace_similarity(A1, A2, i, j), abs_tol=1e-12)
 
 
-def test_phi_of_nested_subspaces_counts_the_shared_directions():
+def test_phi_of_nested_subspaces():
     # A1 spans e0, e1; A2 spans e0, e2 (singular values 3 > 1 fix the order): U_1 of A1 is e0,
     # so φ(i=1, j=1) = 1; with i = j = 2 the shared direction is one of two: φ = 1/2.
     A1 = torch.tensor([[3.0, 0, 0, 0], [0, 1, 0, 0]])
@@ -126,7 +126,7 @@ def test_a_row_rotated_weight_with_preserved_norms_changes_direction_only(shape)
     assert -1e-12 <= dD <= 2 + 1e-12
 
 
-def test_magnitude_direction_change_of_a_hand_computed_2x2_case():
+def test_delta_m_and_d_by_hand():
     # Rows (3, 4) -> (0, 5): norms 5 and 5, cosine 20/25 = 0.8. Rows (1, 0) -> (0, 2): norms 1
     # and 2, cosine 0. ΔM = (0 + 1)/2 = 0.5; ΔD = ((1 - 0.8) + (1 - 0))/2 = 0.6.
     W0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
@@ -157,8 +157,8 @@ def test_the_within_step_fit_removes_the_growth_shared_by_every_layer():
     # both grow with the step: pooled, the growth wins; within a step, the relation shows.
     points = [dict(step=t, dM=t + dm, dD=t + dd) for t in (1, 2, 3, 4)
               for dm, dd in ((0.0, 0.1), (0.1, 0.0))]
-    assert lora_experiments.fit_points(points, within_step=False)["correlation"] > 0.9
-    assert math.isclose(lora_experiments.fit_points(points, within_step=True)["correlation"],
+    assert measures.fit_points(points, within_step=False)["correlation"] > 0.9
+    assert math.isclose(measures.fit_points(points, within_step=True)["correlation"],
                         -1.0, abs_tol=1e-12)
 
 
@@ -298,7 +298,7 @@ def test_dora_decomposition_at_the_tiny_size(out):
     layers = runner.SIZES["tiny"].base.n_layer
     for method in ("full", "lora", "dora"):
         for points in result["tracked"][method].values():
-            assert len(points) == min(steps, lora_experiments.CHECKPOINTS) * layers * 2
+            assert len(points) == min(steps, dora_experiments.CHECKPOINTS) * layers * 2
             assert all(p["dM"] >= 0 and p["dD"] >= -1e-12 for p in points)
         for m in ("q_proj", "v_proj"):
             assert set(result["fits"][f"{method} {m}"]) == {
