@@ -20,7 +20,7 @@ Dropout d acts, as in LoRA, on the input of the update only; the frozen path W0 
 The bias belongs to the frozen path and is not rescaled (as in PEFT, and as in the merged layer
 W' x + b). Regrouping (F) gives the cheapest exact forms, with V d(x) = W0 d(x) + s B (A d(x)):
   * no dropout (p = 0, or eval mode): d(x) = x and y = g ⊙ V x + b. One big GEMM for W0 x, the
-    rank-r pair fused into it by one addmm, and one addcmul: LoRA's GEMMs, plus the row norm
+    rank-r pair fused into it by one addmm, a product and a sum: LoRA's GEMMs, plus the row norm
     (its cost does not grow with the number of tokens) and elementwise passes over (N, out).
   * dropout: y = W0 (x − d(x)) + b + g ⊙ V d(x). Two big GEMMs, as x and d(x) differ.
 Autograd through x W'^T would instead build the dense (out, in) gradient of W' in the backward,
@@ -145,8 +145,9 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         # W0 (x − d(x)) + b: the frozen path on x, less the W0 d(x) that g ⊙ V d(x) holds
         b = None if bias is None else bias.to(weight.dtype)
         rest = F.linear((tokens - dropped).to(weight.dtype), weight, b)  # (N, out)
-    # y = rest + (m/||V||) ⊙ V d(x)   (F)
-    y = g * direction if rest is None else torch.addcmul(rest.to(A.dtype), g, direction)
+    # y = rest + (m/||V||) ⊙ V d(x)   (F); a product, then a sum: torch.addcmul would fuse them on
+    # AVX2 builds and not on others, and the oracle's golden values must not depend on the build
+    y = g * direction if rest is None else rest.to(A.dtype) + g * direction
     return y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
 
 

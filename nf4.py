@@ -51,11 +51,30 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- 1. code tables
 
+def linspace_float32(start: float, end: float, steps: int) -> torch.Tensor:
+    """torch.linspace(start, end, steps, dtype=torch.float32), the same bits on every build.
+
+    torch's points: with the float32 step h = (end - start) / (steps - 1), start + i h for the
+    first half and end - (steps - 1 - i) h for the rest. Here each is computed exactly in float64
+    (for float32 ends and steps <= 2^20 the product and the sum are exact) and rounded once to
+    float32. torch.linspace rounds the same way where it uses a fused multiply-add (AVX2 and
+    AVX-512 builds, whose dynamic map bitsandbytes' equals) and twice without one
+    (ATEN_CPU_CAPABILITY=default: 42 of the dynamic map's 256 values differ). docs/oracle.md pins
+    both tables in hex; tests/test_oracle_kit_golden.py runs the default build to check.
+    """
+    first, last = (torch.tensor(v, dtype=torch.float32) for v in (start, end))
+    step = ((last - first) / (steps - 1)).double()  # float32 h, exactly in float64
+    i = torch.arange(steps, dtype=torch.float64)  # (steps,)
+    points = torch.where(i < steps // 2, first.double() + i * step,
+                         last.double() - (steps - 1 - i) * step)  # exact, no rounding yet
+    return points.float()  # (steps,): rounded once
+
+
 @functools.lru_cache(maxsize=None)
 def _nf4_code() -> torch.Tensor:
     def quantiles(count):
         # Phi^-1 at `count` float32 probabilities from NF4_OFFSET towards 1/2
-        probabilities = torch.linspace(NF4_OFFSET, 0.5, count + 1, dtype=torch.float32)[:-1]
+        probabilities = linspace_float32(NF4_OFFSET, 0.5, count + 1)[:-1]
         return torch.from_numpy(norm.ppf(probabilities.double().numpy())).float()
 
     positive = quantiles(NF4_POSITIVE_VALUES)  # (8,) Phi^-1(p_j)
@@ -74,7 +93,7 @@ def nf4_code() -> torch.Tensor:
 def _dynamic_code() -> torch.Tensor:
     values = [torch.tensor([0.0, 1.0])]
     for exponent in range(DYNAMIC_EXPONENT_BITS):  # decade 10^(exponent-6) holds 2^exponent values
-        boundaries = torch.linspace(0.1, 1.0, 2**exponent + 1, dtype=torch.float32)
+        boundaries = linspace_float32(0.1, 1.0, 2**exponent + 1)  # (2^exponent + 1,)
         fractions = (boundaries[:-1] + boundaries[1:]) / 2  # (2^exponent,) bin centres in (0.1, 1)
         decade = torch.tensor(10.0 ** (exponent - DYNAMIC_EXPONENT_BITS + 1), dtype=torch.float32)
         values += [fractions * decade, -(fractions * decade)]  # float32 product, as bitsandbytes

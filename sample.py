@@ -1,4 +1,4 @@
-"""Text sampled from a run that train.py wrote (its run folder: runs.py).
+"""Text sampled from a run that train.py wrote (its run folder: training/runs.py).
 
     python sample.py --out runs --method lora --prompt "def " --tokens 200 --seed 0
     python sample.py --out runs --method base --temperature 0.8 --top-k 20
@@ -16,6 +16,17 @@ import torch
 
 from checks import Parser, check_int, check_number, checked, folder, text_flag
 from training.runs import MissingRun, decode, encode, load_model, make_command
+
+# Each character is one forward pass of the model on up to block_size tokens, one thread: 2.4 ms
+# of CPU for the default model on a loaded 2-core VM (docs/tiny_gpt.md has the command), so
+# 100,000 characters are minutes of work and 10^9 (a typo away) would be weeks. A longer text is
+# several calls with other seeds.
+MAX_TOKENS = 100_000
+# logits / temperature must stay finite in float32 (logits of tens over 1e-300 are inf, and the
+# softmax of inf is NaN); 1e-3 is already greedy to the float32 precision of the softmax.
+# Above 1e3 the draw is uniform to float32 precision.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
 
 # -------------------------------------------------------------------------------------- sampling
 
@@ -59,12 +70,13 @@ def build_parser() -> Parser:
     p.add_argument("--method", default="lora", choices=("base", "full", "lora", "qlora", "dora",
                                                         "vera"), help="whose weights sample")
     p.add_argument("--prompt", type=text_flag, default="def ", help="the text to continue")
-    p.add_argument("--tokens", type=checked(check_int, low=1), default=200,
-                   help="characters to draw")
+    p.add_argument("--tokens", type=checked(check_int, low=1, high=MAX_TOKENS), default=200,
+                   help=f"characters to draw (at most {MAX_TOKENS:,}: see MAX_TOKENS)")
     p.add_argument("--seed", type=checked(check_int, low=0, high=2**64 - 1), default=0,
                    help="seed of the sampling generator")
-    p.add_argument("--temperature", type=checked(check_number, float, low=0, low_open=True),
-                   default=1.0, help="divides the logits; below 1 is more conservative")
+    p.add_argument("--temperature", type=checked(check_number, float, low=MIN_TEMPERATURE,
+                                                 high=MAX_TEMPERATURE), default=1.0,
+                   help="divides the logits; below 1 is more conservative")
     p.add_argument("--top-k", type=checked(check_int, low=1), default=None,
                    help="draw only from the k likeliest characters (None: from all)")
     return p
@@ -77,7 +89,7 @@ def main(argv=None) -> str:
         model, vocab = load_model(args.out, args.method)
     except MissingRun as error:
         fail(error, 2)
-    except (ValueError, OSError) as error:  # CorruptFile, or a bad adapter or safetensors file
+    except (ValueError, TypeError, OSError) as error:  # CorruptFile, a bad adapter or file
         fail(f"{error}; make it again with {make_command(args.out, args.method)}", 1)
     if args.top_k is not None and args.top_k > len(vocab):
         fail(f"argument --top-k: must be at most the vocabulary's {len(vocab)}", 2)

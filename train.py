@@ -5,11 +5,12 @@
     python train.py --quick            # a tiny model and a few steps (used by the tests)
 
 The texts (they ship with Python: nothing is downloaded), their tokens, and the run folder `--out`
-that this file fills are runs.py's; sample.py draws text from a finished run. This file reads
-top to bottom: config, batches, methods, optimizer, loop, report, main.
+that this file fills are training/runs.py's; sample.py draws text from a finished run. This file
+reads top to bottom: config, batches, methods, optimizer, loop, report, main.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,11 +30,11 @@ import nf4
 import qlora
 import vera
 from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
-from formats import safetensors_io
+from formats import safe_open, safetensors_io
 from paged_optim import PagedAdamW
 from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
-from training import memory
+from training import distributed, locks, memory
 from training.runs import (
     Corpus,
     CorruptFile,
@@ -195,7 +196,7 @@ def check_finite(model, loss: torch.Tensor, label: str, step: int, lr: float) ->
 
 def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: int, peak_lr: float,
                warmup: int, checkpoint: str, identity: dict, resume: bool, device, label: str,
-               callback=None, batch_size_at=None):
+               callback=None, world: distributed.World | None = None, batch_size_at=None):
     """AdamW steps on random batches, checkpointing atomically every `cfg.checkpoint_every` steps.
 
     A checkpoint holds the model, the optimizer, the step and every random state the run draws
@@ -204,19 +205,26 @@ def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: in
     `callback(step)` runs after each step (tests crash there); `batch_size_at(step)`, if given,
     is the batch size of each step (default cfg.batch_size; the paged-spike experiment's spikes).
     Returns ms/step (median) or None.
+    Under torchrun (`world`), each rank trains on its share of every batch through DDP, draws its
+    own dropout, and rank 0 alone writes the checkpoint, which holds every rank's random state.
     """
+    world = world or distributed.World()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 2)  # dropout: the same draws whatever ran before this loop
+    # dropout: the same draws whatever ran before this loop; each rank its own
+    torch.manual_seed(cfg.seed + 2 + world.rank)
     start = 0
     if resume and os.path.exists(checkpoint):
         ckpt = read_checkpoint(checkpoint, identity)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["random"]["batches"])
-        torch.set_rng_state(ckpt["random"]["torch"])
-        torch.cuda.set_rng_state_all(ckpt["random"]["cuda"])  # [] without CUDA: nothing to do
+        ranks = ckpt["random"].get("ranks")  # written under torchrun, with as many ranks
+        mine = ranks[world.rank] if ranks and len(ranks) == world.size else ckpt["random"]
+        torch.set_rng_state(mine["torch"])
+        torch.cuda.set_rng_state_all(mine["cuda"])  # [] without CUDA: nothing to do
         start = ckpt["step"]
     model.train()
+    forward = distributed.wrap(model, world, label) if world.launched else model
     times, t_start = [], time.perf_counter()
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -224,8 +232,8 @@ def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: in
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_size = cfg.batch_size if batch_size_at is None else batch_size_at(step)
-        x, y = get_batch(data, batch_size, cfg.block_size, generator)
-        _, loss = model(x.to(device), y.to(device))
+        x, y = distributed.shard(*get_batch(data, batch_size, cfg.block_size, generator), world)
+        _, loss = forward(x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         check_finite(model, loss, label, step + 1, lr)
@@ -235,8 +243,11 @@ def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: in
         if done % cfg.checkpoint_every == 0 or done == steps:
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
             random = dict(batches=generator.get_state(), torch=torch.get_rng_state(), cuda=cuda)
-            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 identity=identity, random=random, step=done), checkpoint)
+            if world.launched:
+                random["ranks"] = distributed.gather_random_states(world)
+            if world.is_main:
+                save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                     identity=identity, random=random, step=done), checkpoint)
         progress(label, done, steps, loss.item(), cfg, time.perf_counter() - t_start, done - start)
         if callback is not None:
             callback(done)
@@ -271,6 +282,8 @@ RESULT_COLUMNS = (
     ("% of model", lambda r: f"{100 * r['trainable_fraction']:.2f}%", ">"),
     ("adapter file", lambda r: human_bytes(r["adapter_bytes"]), ">"),
     ("weights", lambda r: human_bytes(r["memory"]["weights"]), ">"),
+    ("all-reduce/step", lambda r: "-" if r["allreduce_bytes"] is None
+     else human_bytes(r["allreduce_bytes"]), ">"),
     ("train memory", lambda r: human_bytes(r["memory"]["total"]), ">"),
     ("ms/step", lambda r: "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.1f}", ">"),
     ("val before", lambda r: f"{r['val_before']:.3f}", ">"),
@@ -301,37 +314,52 @@ def print_report(rows: list[dict], note: str, models: list, vocab: str, out: str
               f"{100 * nf4_bytes / dense:.1f}% of their {dense:,} bytes in float32")
     for row in (row for row in rows if "paging" in row):
         print(f"{row['method']} paging:", ", ".join(f"{k} {v:,}" for k, v in row["paging"].items()))
+    for row in (row for row in rows if "distributed" in row):  # under torchrun only
+        ddp = row["distributed"]
+        print(f"{row['method']} data parallel: {ddp['world_size']} ranks, {ddp['buckets']} "
+              f"buckets all-reduced a step; buffers {ddp['buffer_bytes']:,} bytes, "
+              f"{'broadcast before' if ddp['broadcast_buffers'] else 'not sent at'} each step; "
+              f"DDP's pre-forward {ddp['pre_forward_ms'] or 0:.2f} ms (median)")
     print_samples(dict(zip(["base"] + [row["method"] for row in rows], models)), vocab, out)
 
 
 # --------------------------------------------------------------------------------------------- main
 
-def pretrain(cfg: TrainConfig, corpus: Corpus, out: str, device) -> tuple[GPT, dict]:
+def pretrain(cfg: TrainConfig, corpus: Corpus, out: str, device,
+             world: distributed.World | None = None) -> tuple[GPT, dict]:
     """Pretrain the base model, or reuse a finished checkpoint of the same config and data (its
     name is a hash of both); an unfinished one continues, a corrupt one is set aside."""
     model = build_model(cfg, len(corpus.vocab), device)
     identity = dict(method="pretrain", data=corpus.fingerprint, model_config=model.config.to_dict(),
                     train_config=asdict(replace(cfg, finetune_steps=0)))
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    path, ckpt = os.path.join(out, f"base-{key}.pt"), None
+    path, ckpt, corrupt = os.path.join(out, f"base-{key}.pt"), None, None
+    world = world or distributed.World()
     try:
         ckpt = read_checkpoint(path) if os.path.exists(path) else None
     except CorruptFile as error:  # a cache is never trusted blindly: set it aside, pretrain again
-        set_aside(path, error)
+        corrupt = error
+    distributed.barrier(world)  # every rank has read the cache before rank 0 moves it
+    if corrupt is not None and world.is_main:
+        set_aside(path, corrupt)
     if ckpt is not None and ckpt["step"] == cfg.pretrain_steps:
         model.load_state_dict(ckpt["model"])
         print(f"reusing the pretrained base model {path}", file=sys.stderr)
     else:
         optimizer = make_optimizer(model, "adamw", cfg.pretrain_lr, None)
         train_loop(model, optimizer, corpus.train, cfg, cfg.pretrain_steps, cfg.pretrain_lr,
-                   cfg.warmup_steps, path, identity, True, device, "pretrain")
+                   cfg.warmup_steps, path, identity, True, device, "pretrain", world=world)
     return model, dict(checkpoint=os.path.basename(path), fingerprint=weights_fingerprint(model),
                        vocab=corpus.vocab, model_config=model.config.to_dict())
 
 
 def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: Corpus, windows,
-             opts: dict, out: str, device, resume: bool, callback=None):
-    """Fine-tune a copy of `base` with one method and write its weights; returns (row, model)."""
+             opts: dict, out: str, device, resume: bool, callback=None,
+             world: distributed.World | None = None):
+    """Fine-tune a copy of `base` with one method and write its weights (rank 0); returns (row,
+    model). The row's allreduce_bytes: under torchrun, what DDP all-reduced at the last step;
+    under plain python, what one backward through DDP would all-reduce (one batch, a copy)."""
+    world = world or distributed.World()
     model = prepare(method, copy.deepcopy(base), opts, cfg.seed)
     # After prepare: a fresh adapter equals the base, but QLoRA's base is already the 4-bit one.
     val_before = estimate_loss(model, windows, device)
@@ -340,15 +368,29 @@ def finetune(method: str, cfg: TrainConfig, base: GPT, base_info: dict, corpus: 
                     base=base_info["fingerprint"])
     ms = train_loop(model, optimizer, corpus.train, cfg, cfg.finetune_steps, opts["lr"], 0,
                     os.path.join(out, f"finetune-{method}.pt"), identity, resume, device, method,
-                    callback)
+                    callback, world=world)
     check_finite(model, torch.tensor(val_after := estimate_loss(model, windows, device)),
                  f"{method} validation", cfg.finetune_steps, opts["lr"])  # the last update's
     trainable = adapters.count_trainable(model)
+    weights = os.path.join(out, weights_name(method))
+    if world.launched:
+        traffic = world.traffic[method]
+        allreduce = traffic.per_step[-1] if traffic.per_step else None  # None: no step left
+    else:
+        x, y = get_batch(corpus.train, cfg.batch_size, cfg.block_size,
+                         torch.Generator().manual_seed(cfg.seed))
+        allreduce = distributed.allreduce_bytes(model, x.to(device), y.to(device))
     row = dict(method=method, trainable=trainable,
                trainable_fraction=trainable / base.num_parameters(),
-               adapter_bytes=save_weights(method, model, os.path.join(out, weights_name(method))),
-               memory=training_memory(model, optimizer), ms_per_step=ms, val_before=val_before,
-               val_after=val_after)
+               adapter_bytes=save_weights(method, model, weights) if world.is_main else None,
+               memory=training_memory(model, optimizer), allreduce_bytes=allreduce,
+               ms_per_step=ms, val_before=val_before, val_after=val_after)
+    if world.launched:
+        row["distributed"] = dict(world_size=world.size, buckets=traffic.buckets,
+                                  broadcast_buffers=traffic.broadcast_buffers,
+                                  buffer_bytes=traffic.buffer_bytes, pre_forward_ms=(
+                                      1000 * statistics.median(traffic.pre_forward)
+                                      if traffic.pre_forward else None))
     if method == "qlora":
         report = memory.qlora_memory_report(model, optimizer)
         row["nf4"] = dict(bytes=report["nf4_weights"] + report["nf4_statistics"],
@@ -381,6 +423,8 @@ def build_parser() -> Parser:
         name.strip() for name in text.split(",")), help="'all-linear' or e.g. q_proj,v_proj")
     add("--optimizer", choices=("adamw", "paged_adamw"), help="default: paged_adamw for qlora")
     add("--budget", type=checked(check_int, low=0), help="PagedAdamW's device bytes (no limit)")
+    add("--broadcast-buffers", action="store_true",
+        help="under torchrun: let DDP broadcast the buffers each step (to measure the cost)")
     return p
 
 
@@ -427,21 +471,53 @@ def main(argv=None) -> list[dict]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available on this machine")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.broadcast_buffers and not distributed.launched():
+        parser.error("argument --broadcast-buffers: only under torchrun")
+    # under torchrun: join the other ranks; only rank 0 prints and writes from here on
+    world, device = distributed.start(device, args.broadcast_buffers)
+    distributed.quiet(world)
+    try:
+        distributed.check_batch(cfg.batch_size, world)
+    except ValueError as error:
+        parser.error(f"torchrun --nproc_per_node: {error}")
     vocab = build_vocab(pre_text := pretraining_text())
     options = check_options(parser, args, len(vocab), cfg)
     if in_the_way := occupied(args.out, options):
         parser.error(f"argument --out: {in_the_way} is in the way of what train.py writes there")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:  # a name too long, /proc, a read-only file system
+        parser.error(f"argument --out: cannot make {error.filename or args.out}: "
+                     f"{error.strerror or error}")
+    # RunBusy: another run trains one of them here; under torchrun rank 0 holds them for all
+    held = locks.MethodLocks(args.out, options) if world.is_main else None
+    try:
+        return train_methods(args, cfg, device, world, vocab, pre_text, options)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def train_methods(args, cfg: TrainConfig, device, world, vocab: str, pre_text: str,
+                  options: dict) -> list[dict]:
+    """What main does once the flags are checked and the methods' locks are held."""
     for where in [args.out] + [os.path.join(args.out, weights_name(m)) for m in METHODS]:
-        for path in safetensors_io.remove_stale_temporaries(where):
+        for path in safetensors_io.remove_stale_temporaries(where, root=args.out) \
+                if world.is_main else ():
             print(f"removed {path}, left by an interrupted save", file=sys.stderr)
+    distributed.barrier(world)  # no rank reads the folder while rank 0 tidies it
     pre, fine = make_corpus(pre_text, vocab), make_corpus(finetuning_text(), vocab)
     print(f"pretraining text: {len(pre_text):,} characters, vocabulary {len(vocab)} (with UNK); "
           f"fine-tuning text: {len(fine.train) + len(fine.val):,} characters, {fine.unknown} "
           f"mapped to UNK; device {device}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    base, base_info = pretrain(cfg, pre, args.out, device)
-    record(args.out, "base", dict(weights=None, seed=cfg.seed, base=base_info))
+    # a second run into this folder waits, then reuses the cache; under torchrun rank 0 alone
+    # writes the base, so it alone takes the folder's locks
+    with locks.shared_file_lock(args.out, "base") if world.is_main else contextlib.nullcontext():
+        base, base_info = pretrain(cfg, pre, args.out, device, world)
+    if world.is_main:
+        record(args.out, "base", dict(weights=None, seed=cfg.seed, base=base_info))
     pre_windows = eval_windows(pre.val, cfg.eval_batches, cfg.batch_size, cfg.block_size)
     print(f"base model: {base.num_parameters():,} parameters, pretraining val loss "
           f"{estimate_loss(base, pre_windows, device):.3f}", file=sys.stderr)
@@ -450,22 +526,46 @@ def main(argv=None) -> list[dict]:
     for method, opts in options.items():
         try:
             row, model = finetune(method, cfg, base, base_info, fine, windows, opts, args.out,
-                                  device, args.resume)
+                                  device, args.resume, world=world)
         except (TrainingDiverged, CorruptFile, OtherRun) as error:
             hint = "its weights were not saved" if isinstance(error, TrainingDiverged) else \
                 f"delete it, or run without --resume to start {method} over"
             print(f"train.py: {error}; {hint}", file=sys.stderr)
             raise SystemExit(1) from None
-        record(args.out, method, dict(weights=weights_name(method), seed=cfg.seed,
-                                      options=opts, base=base_info), row, METHODS)
+        if world.is_main:
+            record(args.out, method, dict(weights=weights_name(method), seed=cfg.seed,
+                                          options=opts, base=base_info), row, METHODS)
         rows.append(row)
         models.append(model)
     note = (f"{time.perf_counter() - t0:.0f} s in all; fine-tuning {cfg.finetune_steps} steps of "
             f"{cfg.batch_size}x{cfg.block_size} tokens per method; val = cross-entropy (nats/char) "
             f"on held-out fine-tuning text")
-    print_report(rows, note, models, vocab, args.out)
+    if world.is_main:
+        print_report(rows, note, models, vocab, args.out)
+    distributed.finish(world)
     return rows
 
 
+def cli(argv=None) -> int:
+    """main as a command: every failure of a file or folder is one line, Ctrl-C says how to go
+    on; returns the exit status (130 after Ctrl-C, as a shell reports SIGINT)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("train.py: interrupted; resume with --resume (the same flags and --resume continue "
+              "from the last checkpoint)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk, a file size limit, a read-only or vanished folder
+        where = f" {error.filename}" if error.filename else ""
+        print(f"train.py: cannot read or write{where}: {error.strerror or error}",
+              file=sys.stderr)
+        return 1
+    except (safe_open.NotRegularFile, CorruptFile, OtherRun, locks.RunBusy,
+            locks.RunFolderGone) as error:
+        print(f"train.py: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -20,6 +20,7 @@ detects on reading (as it does a config edited by hand). Files from PEFT have no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +33,8 @@ import dora
 import lora
 import vera
 from adapters import ALL_LINEAR, AdapterLinear, adapter_layers, is_linear_like, replace_submodule
-from checks import check_bool, check_int, check_number, check_probability
-from formats import safetensors_io
+from checks import check_bool, check_int, check_number, check_probability, check_target_pattern
+from formats import safe_open, safetensors_io
 
 CONFIG_FILE = "adapter_config.json"
 TENSOR_FILE = "adapter_model.safetensors"
@@ -82,8 +83,14 @@ def matches_targets(name: str, target_modules) -> bool:
     if target_modules == ALL_LINEAR:
         return True
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return _target_pattern(target_modules).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+@functools.lru_cache(maxsize=64)
+def _target_pattern(pattern: str) -> re.Pattern:
+    """A target_modules pattern, checked once for bounded matching time (check_target_pattern)."""
+    return re.compile(check_target_pattern(pattern, "target_modules"))
 
 
 def loadable_adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
@@ -144,11 +151,11 @@ def read_adapter(directory: str) -> SavedAdapter:
     directory = os.fspath(directory)
     config_path, tensor_path = (os.path.join(directory, f) for f in (CONFIG_FILE, TENSOR_FILE))
     for path in (config_path, tensor_path):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file; an adapter directory holds "
-                                    f"{CONFIG_FILE} and {TENSOR_FILE} (adapters.save_adapter)")
-    with open(config_path, "rb") as file:
-        text = file.read()
+                                    f"{CONFIG_FILE} and {TENSOR_FILE} (save_adapter writes one)")
+    # Only regular files, the config no bigger than a JSON file of ours may be (safe_open).
+    text = safe_open.read_regular(config_path, safe_open.MAX_JSON_BYTES)
     try:
         config = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
@@ -185,10 +192,8 @@ def check_config(config, source: str) -> dict:
             and all(isinstance(t, str) and t for t in targets)):
         raise ValueError(f"{source}: target_modules must be a non-empty list of names, a regular "
                          f"expression or 'all-linear', got {targets!r}")
-    try:
-        re.compile(targets) if isinstance(targets, str) else None
-    except re.error as error:
-        raise ValueError(f"{source}: target_modules is no regular expression ({error})") from None
+    if isinstance(targets, str) and targets != ALL_LINEAR:  # untrusted: bounded matching time
+        check_target_pattern(targets, f"{source}: target_modules")
     return config
 
 

@@ -34,11 +34,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
+import time
 from typing import BinaryIO, Callable
 
 import torch
+
+from formats import safe_open
 
 # safetensors' dtype names; the project uses the first seven.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -54,6 +58,8 @@ CHECKSUM_KEY = "content_sha256"
 CHECKSUM_PREFIX = b'{"__metadata__":{"content_sha256":"'
 CHECKSUM_DIGITS = 64
 TEMPORARY_PREFIX = ".tmp-"
+# atomic_write's temporary files: the prefix, the writer's pid, "-", mkstemp's 8 characters.
+TEMPORARY_NAME = re.compile(r"\.tmp-([0-9]{1,10})-[a-z0-9_]{8}")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -154,13 +160,16 @@ def load_file(path: str, device="cpu", *, require_checksum: bool = False
         raise ValueError(f"device must name a torch device such as 'cpu', got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device is {device} but CUDA is not available; use device='cpu'")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, not a safetensors file")
-    with open(path, "rb") as file:
-        file_bytes = bytearray(os.fstat(file.fileno()).st_size)
-        if file.readinto(file_bytes) != len(file_bytes):
+    file, size = safe_open.open_regular(path)  # a FIFO, device or folder: one line
+    with file:
+        prefix = _read_header_bytes(file, size, path)
+        entries, metadata, data_start = _parse(memoryview(prefix), path, require_checksum, size)
+        # The offsets tile the file's data exactly (_parse): the buffer is what the file holds.
+        file_bytes = bytearray(size)
+        file_bytes[:len(prefix)] = prefix
+        if file.readinto(memoryview(file_bytes)[len(prefix):]) != size - len(prefix):
             raise ValueError(f"{path}: the file shrank while being read")
-    entries, metadata, data_start = _parse(memoryview(file_bytes), path, require_checksum)
+    _verify_checksum(memoryview(file_bytes), path, metadata)
     everything = torch.frombuffer(file_bytes, dtype=torch.uint8)  # (file bytes,) no copy
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
@@ -172,12 +181,27 @@ def load_file(path: str, device="cpu", *, require_checksum: bool = False
     return tensors, metadata
 
 
-def _parse(view: memoryview, path: str, require_checksum: bool):
-    """Validate the file's layout; returns ({name: (dtype, shape, begin, end)}, metadata, start)."""
+def _read_header_bytes(file, size: int, path: str) -> bytes:
+    """The length field and the header, read only after N is checked against the file's size."""
+    if size < LENGTH_BYTES:
+        raise ValueError(f"{path}: not a valid safetensors file: {size} bytes, too short to hold "
+                         f"the 8-byte header length (truncated?)")
+    length_field = safe_open.read_exactly(file, LENGTH_BYTES, path)
+    header_length = int.from_bytes(length_field, "little")
+    if header_length > MAX_HEADER_BYTES or LENGTH_BYTES + header_length > size:
+        raise ValueError(f"{path}: not a valid safetensors file: the header length "
+                         f"{header_length} goes beyond the file's {size} bytes (truncated?)")
+    return length_field + safe_open.read_exactly(file, header_length, path)
+
+
+def _parse(view: memoryview, path: str, require_checksum: bool, size: int | None = None):
+    """Validate the file's layout from its first bytes `view` (the length field and the header at
+    least) and its `size` (default len(view)); returns ({name: (dtype, shape, begin, end)},
+    metadata, start). A checksum is verified when `view` is the whole file (_verify_checksum)."""
     def corrupt(what: str) -> ValueError:
         return ValueError(f"{path}: not a valid safetensors file: {what}")
 
-    size = len(view)
+    size = len(view) if size is None else size
     if size < LENGTH_BYTES:
         raise corrupt(f"{size} bytes, too short to hold the 8-byte header length (truncated?)")
     header_length = int.from_bytes(view[:LENGTH_BYTES], "little")
@@ -212,18 +236,28 @@ def _parse(view: memoryview, path: str, require_checksum: bool):
         a != b for a, b in zip(header_bytes, CHECKSUM_PREFIX)) <= 1
     if claims_checksum:
         start = len(CHECKSUM_PREFIX)
-        stored = header_bytes[start:start + CHECKSUM_DIGITS]
-        exact = header_bytes.startswith(CHECKSUM_PREFIX)
-        if not exact or stored != file_checksum(view).encode("ascii"):
+        if not header_bytes.startswith(CHECKSUM_PREFIX) or CHECKSUM_KEY not in metadata:
             raise corrupt(f"{CHECKSUM_KEY} does not match the contents: the file changed after "
                           f"it was written (a flipped bit, a partial copy or an edit)")
-        del metadata[CHECKSUM_KEY]
+        metadata[CHECKSUM_KEY] = header_bytes[start:start + CHECKSUM_DIGITS]
+        if len(view) == size:
+            _verify_checksum(view, path, metadata)
     elif CHECKSUM_KEY in metadata:
         raise corrupt(f"its {CHECKSUM_KEY} is not the header's first entry, where save_file "
                       f"writes it, so it cannot be verified (rewritten by another tool?)")
     elif require_checksum:
         raise corrupt(f"it has no {CHECKSUM_KEY} checksum, and this caller requires one")
     return entries, metadata, LENGTH_BYTES + header_length
+
+
+def _verify_checksum(view: memoryview, path: str, metadata: dict) -> None:
+    """Check the whole file against the digits _parse found (kept in metadata as bytes, then
+    removed); nothing to do for a file without a checksum."""
+    stored = metadata.pop(CHECKSUM_KEY, None)
+    if stored is not None and stored != file_checksum(view).encode("ascii"):
+        raise ValueError(f"{path}: not a valid safetensors file: {CHECKSUM_KEY} does not match "
+                         f"the contents: the file changed after it was written (a flipped bit, "
+                         f"a partial copy or an edit)")
 
 
 def _tensor_entry(name: str, info, corrupt) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -268,13 +302,18 @@ def _refuse_constant(name: str):
 # -------------------------------------------------------------------------------------------------
 # Files: atomic writes and what an interrupted one leaves behind.
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], None], *, make_folder: bool = True
+                 ) -> None:
     """Make `path` hold exactly what `write(file)` writes, or leave it as it was.
 
-    `write` fills a temporary file named ".tmp-*" in the same folder (so os.replace is a rename
-    within one file system); it is flushed to disk, given the usual mode 0o666 & ~umask, and renamed
-    over `path`. If `write` raises, the temporary file is removed and `path` is untouched; a process
-    killed mid-write leaves the temporary file, which remove_stale_temporaries deletes later.
+    `write` fills a temporary file in the same folder (so os.replace is a rename within one file
+    system), named ".tmp-<pid>-<8 random characters>": the writer's process id marks it as its
+    own (remove_stale_temporaries). It is flushed to disk, given the usual mode 0o666 & ~umask,
+    and renamed over `path`. If `write` raises, the temporary file is removed and `path` is
+    untouched; a process killed mid-write leaves the temporary file, which
+    remove_stale_temporaries deletes once that process is gone. An OSError (a full disk, a file
+    size limit, a read-only file system) names `path`. `make_folder`: create the folder if it is
+    missing (False: a missing folder is a FileNotFoundError naming `path`).
     """
     path = _check_path(path, "path")
     if not callable(write):
@@ -282,22 +321,51 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     if os.path.isdir(path):
         raise ValueError(f"path {path!r} is a directory; atomic_write needs a file name")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    file_descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX)
+    try:
+        if make_folder:
+            os.makedirs(directory, exist_ok=True)
+        file_descriptor, temporary = tempfile.mkstemp(dir=directory,
+                                                      prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-")
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         with os.fdopen(file_descriptor, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+            _test_delay()
         umask = os.umask(0)  # reading the umask means setting it; put it straight back
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0o600
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if os.path.lexists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from None
         raise
     _fsync_directory(directory)
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """`error` naming `path`, where it names no file (ENOSPC, EFBIG from write()) or only the
+    temporary file (which the user never asked for)."""
+    named = error.filename is not None and not TEMPORARY_NAME.fullmatch(
+        os.path.basename(os.fspath(error.filename)))
+    if named or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, path)
+
+
+# For the tests only: seconds atomic_write sleeps between writing a temporary file and renaming
+# it, to stand for a slow disk (two runs sharing a folder, tests/test_locks.py). Unset: no delay.
+TEST_DELAY_VARIABLE = "TINY_GPT_TEST_SAVE_DELAY_S"
+
+
+def _test_delay() -> None:
+    delay = os.environ.get(TEST_DELAY_VARIABLE)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _fsync_directory(directory: str) -> None:
@@ -312,24 +380,45 @@ def _fsync_directory(directory: str) -> None:
         pass
 
 
-def remove_stale_temporaries(directory: str) -> list[str]:
-    """Delete the ".tmp-*" files an interrupted atomic_write left in `directory`; return them.
+def remove_stale_temporaries(directory: str, root: str | None = None) -> list[str]:
+    """Delete the temporary files that interrupted atomic_writes left in `directory`; return them.
 
-    Only regular files directly in `directory` whose names start with ".tmp-" are removed (no
-    folders, links or subfolders). A writer still at work has a file that looks the same, so call
-    this where no other writer uses the folder, e.g. when a run starts in its own output folder.
-    A folder that does not exist holds nothing stale: the result is [].
+    Only what can be proven stale goes: a regular file directly in `directory` (no folder, link
+    or subfolder) named as atomic_write names its temporaries, ".tmp-<pid>-<8 characters>",
+    whose writer process no longer exists. A writer still at work, another run's in-flight save
+    or a user's ".tmp-notes.txt" stays. With `root`, a `directory` that is a link, or that lies
+    outside `root` once links are resolved, is left alone: nothing is removed through a link out
+    of a run folder. A folder that does not exist holds nothing stale: the result is [].
     """
     directory = _check_path(directory, "directory")
     if not os.path.isdir(directory):
         return []
+    if root is not None:
+        inside = os.path.realpath(_check_path(root, "root"))
+        real = os.path.realpath(directory)
+        if os.path.islink(directory) or os.path.commonpath([inside, real]) != inside:
+            return []
     removed = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.name.startswith(TEMPORARY_PREFIX) and entry.is_file(follow_symlinks=False):
+            match = TEMPORARY_NAME.fullmatch(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not _alive(int(match[1])):
                 os.remove(entry.path)
                 removed.append(entry.path)
     return sorted(removed)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (on this machine); unsure counts as alive."""
+    if pid <= 0 or pid == os.getpid():
+        return pid > 0
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process (or a pid this system cannot hold): not ours
+    return True
 
 
 def _check_path(path, name: str) -> str:

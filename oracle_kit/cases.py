@@ -10,7 +10,10 @@ The kinds of values are those that catch real mistakes:
   the last, maybe partial, block all zeros); "dynamic_ties" (block scales such that with double
   quantization the centred scales lie exactly on midpoints of the 8-bit dynamic map);
   "partial_ties" (in the partial last block, values w whose w / c and w * (1 / c) fall on either
-  side of an NF4 midpoint: that block divides, the full ones multiply by the reciprocal).
+  side of an NF4 midpoint: that block divides, the full ones multiply by the reciprocal);
+  "nested_ties" (float32; more than 512 block scales whose sum is exact in any order, so the
+  offset is exactly 1.0 however it is summed, and in the partial last nested block centred scales
+  t whose t / a and t * (1 / a) fall on either side of a midpoint of the 8-bit dynamic map).
 - NF4Weight to dequantize: those, quantized, or "random_bytes" (every nibble, every 8-bit code).
 - adapters: odd widths, rank 1, leading dims (), (n,), (a, b), bias or not, 16-bit bases (float32
   adapters beside them, as adapters.adapter_dtype does), B not zero; for DoRA maybe a zero row.
@@ -20,6 +23,7 @@ The paper each contract comes from is cited in oracle_kit/references.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,12 +32,32 @@ from hypothesis import strategies as st
 import nf4
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NF4_VALUES = ("normal", "heavy", "nf4_ties", "zero_blocks", "dynamic_ties", "partial_ties")
+NF4_VALUES = ("normal", "heavy", "nf4_ties", "zero_blocks", "dynamic_ties", "partial_ties",
+              "nested_ties")
+# Block counts drawn: 1-3 blocks, or several nested blocks of 256 scales (the last one partial),
+# for which the blocksize is 32 or 64 to keep a case small.
+NF4_BLOCK_COUNTS = (1, 2, 3, 300, 700)
+NESTED_TIE_GRID = 2.0**-13  # nested_ties' scales: multiples of this in (0.5, 1.5), sums exact
 SCALINGS = (0.5, 1.0, 2.0, 16 / 3, 8 / math.sqrt(3))  # alpha / r and rsLoRA's alpha / sqrt(r)
 ADAMW_STEPS = (1, 2, 3, 10, 1000, 10**6)
 ADAMW_GRADIENTS = ("normal", "tiny", "zero", "large")
 # "tiny": |g| ~ 1e-10, so sqrt(v_hat) ~ 1e-10 is far below eps = 1e-8 and eps decides the step
 GRADIENT_SCALE = {"normal": 1.0, "tiny": 1e-10, "zero": 0.0, "large": 1e3}
+
+
+def normal(shape, generator) -> torch.Tensor:
+    """Float32 values of mean 0 and variance 1, nearly normal, the same bits on every build: the
+    sum of 12 uniform float32 values (multiples of 2^-24) less 6, exact in float64 and rounded
+    once (Irwin-Hall). torch.randn's vectorised Box-Muller differs in the last bit between CPU
+    capabilities, and the golden files must not."""
+    uniform = torch.rand((12, *shape), generator=generator)  # (12, *shape) float32
+    return (uniform.double().sum(dim=0) - 6).float()
+
+
+def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
+    """2^k for small integer k, float32, by lookup (exact; torch.exp2 need not be)."""
+    table = torch.tensor([2.0**k for k in range(-16, 17)])  # (33,)
+    return table[exponents.long() + 16]
 
 
 def _generator(case) -> torch.Generator:
@@ -92,14 +116,56 @@ def _division_ties(count: int, generator) -> torch.Tensor:
             return torch.cat([c.view(1), w[split].repeat(count)])[:count]
 
 
+@functools.lru_cache(maxsize=None)
+def _nested_division_ties() -> tuple:
+    """(a, ts): a nested absmax a and centred scales t (|t| < a), all multiples of
+    NESTED_TIE_GRID, for which t / a and t * (1 / a) lie on either side of a dynamic-map midpoint
+    (found by a seeded search: the same pair every run)."""
+    midpoints = _midpoints(nf4.dynamic_code())[:, None]  # (255, 1)
+    generator = torch.Generator().manual_seed(0)
+    grid = NESTED_TIE_GRID
+    while True:
+        a = torch.randint(int(0.3 / grid), int(0.9 / grid), (), generator=generator) * grid
+        a = a.float()
+        t = ((torch.round(midpoints.double() * a / grid) + torch.arange(-3, 4)) * grid).float()
+        split = ((t / a > midpoints) != (t * a.reciprocal() > midpoints)) & (t.abs() < a)
+        if bool(split.any()):
+            return float(a), tuple(t[split].tolist())
+
+
+def _nested_tie_scales(nblocks: int, generator) -> torch.Tensor:
+    """nblocks float32 scales 1 + t, t on NESTED_TIE_GRID: every partial sum is a multiple of the
+    grid below 2^11, exact in float32 in any order, and the t sum to zero, so the mean is 1.0
+    exactly for every summation order; the partial last nested block holds the division ties."""
+    grid = NESTED_TIE_GRID
+    steps = torch.randint(-int(0.45 / grid), int(0.45 / grid) + 1, (nblocks,), generator=generator)
+    a, ties = _nested_division_ties()
+    last = nblocks - nblocks % nf4.NESTED_BLOCKSIZE  # the partial nested block's first scale
+    if last < nblocks:
+        pattern = torch.tensor((a,) + ties * (nf4.NESTED_BLOCKSIZE // (len(ties) + 1)))
+        values = pattern[: nblocks - last] / grid
+        steps[last:] = values.round().long()  # exact: multiples of the grid, |t| <= a
+    # balancers in the first nested block bring the sum of the t to zero, each within +-0.45
+    rest = -int(steps.sum())
+    i = 0
+    while rest:
+        change = max(-int(0.45 / grid) - int(steps[i]), min(int(0.45 / grid) - int(steps[i]), rest))
+        steps[i] += change
+        rest -= change
+        i += 1
+    return 1 + steps.double() * grid  # (nblocks,) float64, exact in float32
+
+
 def nf4_weight(case) -> torch.Tensor:
     """The weight of an NF4 case (fields rows, cols, blocksize, dtype, values, seed), on the CPU."""
     generator, n, blocksize = _generator(case), math.prod(_shape(case)), case["blocksize"]
     nblocks = -(-n // blocksize)
     kind = case["values"]
-    flat = torch.randn(n, generator=generator)  # (n,)
+    flat = normal((n,), generator)  # (n,)
     if kind == "heavy":
-        flat = (flat * torch.exp(2 * torch.randn(n, generator=generator))).clamp(-6e4, 6e4)
+        # normal times 2^k, k a rounded normal of deviation 3: tails over many binades
+        exponents = (3 * normal((n,), generator)).round().clamp(-16, 16)
+        flat = (flat * _powers_of_two(exponents)).clamp(-6e4, 6e4)
     elif kind == "nf4_ties":
         code = nf4.nf4_code()
         pattern = torch.cat([_midpoints(code), -_midpoints(code), code])  # (46,)
@@ -108,18 +174,21 @@ def nf4_weight(case) -> torch.Tensor:
         flat = pattern[(position - position // blocksize - 1) % 46]  # (n,), cycling past the +-1s
         flat[::blocksize] = torch.randint(0, 2, (nblocks,), generator=generator) * 2.0 - 1  # +-1
         exponents = torch.randint(-4, 5, (nblocks,), generator=generator).float()
-        flat = flat * torch.exp2(exponents).repeat_interleave(blocksize)[:n]  # exact in float32
+        flat = flat * _powers_of_two(exponents).repeat_interleave(blocksize)[:n]  # exact
     elif kind == "zero_blocks":
         blocks = torch.arange(n) // blocksize  # (n,) block of each element
         flat[(blocks % 2 == 1) | (blocks == nblocks - 1)] = 0.0
     elif kind == "partial_ties":
         full = n - n % blocksize
         flat[full:] = _division_ties(n - full, generator)
-    elif kind == "dynamic_ties":
-        scales = _block_scales(nblocks, generator).repeat_interleave(blocksize)[:n]  # (n,)
+    elif kind in ("dynamic_ties", "nested_ties"):
+        scales = _block_scales(nblocks, generator) if kind == "dynamic_ties" else \
+            _nested_tie_scales(nblocks, generator).float()
+        scales = scales.repeat_interleave(blocksize)[:n]  # (n,)
         flat = scales * (torch.rand(n, generator=generator) * 2 - 1)  # |x| < scale
         flat[::blocksize] = scales[::blocksize]  # each block's absmax is its scale exactly
-    return flat.to(DTYPES[case["dtype"]]).view(_shape(case))
+    dtype = "float32" if kind == "nested_ties" else case["dtype"]  # its scales need 24 bits
+    return flat.to(DTYPES[dtype]).view(_shape(case))
 
 
 def nf4_weight_to_dequantize(case) -> nf4.NF4Weight:
@@ -143,9 +212,11 @@ def nf4_weight_to_dequantize(case) -> nf4.NF4Weight:
 
 @st.composite
 def nf4_cases(draw, values=NF4_VALUES):
-    blocksize, rows = draw(st.sampled_from(nf4.ALLOWED_BLOCKSIZES)), draw(st.integers(1, 3))
-    # 1-3 blocks, the last one short by 0..blocksize-1 elements, then split into rows (rounded up)
-    count = draw(st.integers(1, 3)) * blocksize - draw(st.integers(0, blocksize - 1))
+    nblocks = draw(st.sampled_from(NF4_BLOCK_COUNTS))
+    blocksizes = nf4.ALLOWED_BLOCKSIZES if nblocks <= 3 else nf4.ALLOWED_BLOCKSIZES[:2]
+    blocksize, rows = draw(st.sampled_from(blocksizes)), draw(st.integers(1, 3))
+    # the last block short by 0..blocksize-1 elements, then split into rows (rounded up)
+    count = nblocks * blocksize - draw(st.integers(0, blocksize - 1))
     return {"rows": rows, "cols": -(-count // rows), "blocksize": blocksize,
             "double_quant": draw(st.booleans()), "dtype": draw(st.sampled_from(tuple(DTYPES))),
             "values": draw(st.sampled_from(values)), "seed": draw(st.integers(0, 2**16))}
@@ -177,7 +248,7 @@ def adapter_inputs(contract, case) -> dict:
     n_in, n_out, r = case["in_features"], case["out_features"], case["r"]
 
     def randn(*shape, scale=1.0):
-        return torch.randn(shape, generator=generator) * scale
+        return normal(shape, generator) * scale
 
     x = randn(*case["lead"], n_in)  # (..., in)
     weight = randn(n_out, n_in, scale=n_in**-0.5)  # (out, in)
@@ -193,8 +264,14 @@ def adapter_inputs(contract, case) -> dict:
     if contract == "dora_forward":
         if case["zero_row"]:  # a zero row of V: ||V|| = 0 there (PEFT's NaN, its issue 2049)
             inputs["weight"][0], B[0] = 0.0, 0.0
-        V = inputs["weight"].float() + case["scaling"] * B @ A  # (out, in)
-        magnitude = V.norm(dim=1) * (1 + 0.25 * randn(n_out))  # (out,): ||V|| perturbed
+        # ||V_i|| of V = W0 + s B A, each row in exact sums (math.fsum), rounded once: a matmul's
+        # or a norm's order of summation may depend on the build, the golden files may not
+        W0, s = inputs["weight"].double().tolist(), case["scaling"]
+        BA = [[[b * a for b, a in zip(B[i].double().tolist(), A[:, j].double().tolist())]
+               for j in range(n_in)] for i in range(n_out)]
+        norms = [math.sqrt(math.fsum(math.fsum([W0[i][j], *(s * t for t in BA[i][j])]) ** 2
+                                     for j in range(n_in))) for i in range(n_out)]
+        magnitude = torch.tensor(norms) * (1 + 0.25 * randn(n_out))  # (out,): ||V|| perturbed
         inputs["magnitude"] = magnitude
     inputs["grad_out"] = grad_out.to(dtype)
     return inputs
@@ -217,11 +294,11 @@ def adamw_inputs(case) -> dict:
     """param, grads (steps, *shape), the state before `step`, and the hyperparameters."""
     generator, shape = _generator(case), _shape(case)
     scale = GRADIENT_SCALE[case["gradients"]]
-    param = torch.randn(shape, generator=generator)
-    grads = torch.randn((case["steps"], *shape), generator=generator) * scale
+    param = normal(shape, generator)
+    grads = normal((case["steps"], *shape), generator) * scale
     late = case["step"] > 1  # at step 1 the state is AdamW's zeros; later a plausible history
-    exp_avg = torch.randn(shape, generator=generator) * scale * 0.1 * late
-    exp_avg_sq = (torch.randn(shape, generator=generator) * scale) ** 2 * late
+    exp_avg = normal(shape, generator) * scale * 0.1 * late
+    exp_avg_sq = (normal(shape, generator) * scale) ** 2 * late
     hyper = {name: case[name] for name in ("step", "lr", "betas", "eps", "weight_decay")}
     return {"param": param, "grads": grads, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, **hyper}
 
@@ -284,9 +361,15 @@ EXAMPLES = {
         _nf4("dynamic_ties", 32, 1, 32 * 256, double_quant=True),  # ties of the 8-bit map
         _nf4("zero_blocks", 64, 3, 70, "bfloat16", True),  # zero full and partial blocks
         _nf4("heavy", 4096, 1, 2 * 4096 + 1, "float16", True),  # odd count, widest blocks
-        _nf4("partial_ties", 64, 1, 64 + 40)],  # the partial block divides by its absmax
+        _nf4("partial_ties", 64, 1, 64 + 40),  # the partial block divides by its absmax
+        # 700 scales: three nested blocks, the last partial and dividing (ties), offset 1.0
+        _nf4("nested_ties", 32, 1, 32 * 700 - 5, double_quant=True)],
     "nf4_dequantize": [
         {**_nf4("random_bytes", 32, 1, 1001, "bfloat16", True), "source_dtype": "float32"},
+        # 601 scales: nested blocks 0, 1, 2 with different nested absmax (b // 256, not b % 3)
+        {**_nf4("random_bytes", 32, 1, 32 * 600 + 17, "float32", True),
+         "source_dtype": "bfloat16"},
+        {**_nf4("nested_ties", 32, 1, 32 * 700 - 5, "float32", True), "source_dtype": "float32"},
         {**_nf4("zero_blocks", 64, 3, 70, "float32", False), "source_dtype": "float16"},
         {**_nf4("nf4_ties", 128, 1, 300, "float16", True), "source_dtype": "float32"}],
     "lora_forward": _adapter_examples("lora_forward"),
@@ -312,5 +395,6 @@ GOLDEN = {
     "lora_forward": EXAMPLES["lora_forward"],
     "dora_forward": EXAMPLES["dora_forward"],
     "vera_forward": EXAMPLES["vera_forward"],
+    # every golden AdamW case has gradients and decay: each fails some planted mistake
     "adamw_step": [_adamw(1, 5, "normal", 0.01), _adamw(1000, 4, "tiny", 0.1, rows=3, cols=7),
-                   _adamw(2, 3, "zero", 0.0, lr=0.1)]}
+                   _adamw(2, 3, "large", 0.1, eps=1e-6, lr=0.1)]}

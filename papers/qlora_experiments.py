@@ -290,8 +290,8 @@ def spike_run(ctx, optimizer_kind: str, budget, seed: int = 0):
     with tempfile.TemporaryDirectory() as scratch:
         train_loop(wrapped, optimizer, ctx.corpus.train, cfg, steps, opts["lr"], 0,
                    os.path.join(scratch, "checkpoint.pt"), dict(method="qlora"), False,
-                   ctx.device, f"qlora {optimizer_kind}", None,
-                   spike_schedule(steps, size.batch_size))
+                   ctx.device, f"qlora {optimizer_kind}",
+                   batch_size_at=spike_schedule(steps, size.batch_size))
     for row, loss in zip(account.rows, wrapped.losses):
         row["loss"] = loss
     return account, model

@@ -31,6 +31,7 @@ from test_adapters import (
     tokens,
     trained,
 )
+from test_safetensors_io import dead_pid
 from tiny_gpt import GPT
 
 
@@ -283,7 +284,7 @@ def test_saves_are_atomic_per_file_and_an_interrupted_save_is_detected(tmp_path)
     (first / adapter_files.TENSOR_FILE).write_bytes(new_tensors)  # killed before the config
     with pytest.raises(ValueError, match="config_sha256 differs.*interrupted"):
         adapter_files.read_adapter(first)
-    (first / ".tmp-abc123").write_bytes(b"half a file")
+    (first / f".tmp-{dead_pid()}-abc12345").write_bytes(b"half a file")
     model = trained("lora", seed=2)
     adapter_files.save_adapter(model, first)
     assert sorted(os.listdir(first)) == [adapter_files.CONFIG_FILE, adapter_files.TENSOR_FILE]

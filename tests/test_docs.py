@@ -225,7 +225,8 @@ def test_ci_runs_the_readme_test_command():
 def test_the_results_table_is_kept_in_one_place_with_the_columns_train_py_prints():
     import train
     row = dict(method="lora", trainable=1, trainable_fraction=0.5, adapter_bytes=1,
-               memory=dict(weights=1, total=2), ms_per_step=1.0, val_before=2.0, val_after=1.0)
+               memory=dict(weights=1, total=2), allreduce_bytes=1, ms_per_step=1.0, val_before=2.0,
+               val_after=1.0)
     header = train.format_table([row]).splitlines()[0].split()
     copies = [(doc, line.split()) for doc in doc_files() for line in read(doc).splitlines()
               if line.startswith(TABLE_HEADER)]

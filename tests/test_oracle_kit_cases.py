@@ -42,8 +42,7 @@ def test_tie_cases_put_scaled_values_exactly_on_the_midpoints():
 
 
 def test_partial_ties_split_division_and_reciprocal_across_a_midpoint():
-    case = cases.EXAMPLES["nf4_quantize"][-1]
-    assert case["values"] == "partial_ties"
+    case = next(c for c in cases.EXAMPLES["nf4_quantize"] if c["values"] == "partial_ties")
     w = cases.nf4_weight(case).reshape(-1)
     full = w.numel() - w.numel() % case["blocksize"]
     last = w[full:]  # the partial block: its absmax first, then the straddling values
@@ -54,3 +53,22 @@ def test_partial_ties_split_division_and_reciprocal_across_a_midpoint():
     by_reciprocal = nearest_by_midpoints(last * c.reciprocal(), code)
     assert int((by_division != by_reciprocal).sum()) == last.numel() - 1  # all but the absmax
     assert_same(nf4.quantize_nf4(w, case["blocksize"], False).absmax[-1], c, "its absmax")
+
+
+def test_nested_ties_have_an_exact_mean_in_any_order_and_split_the_partial_nested_block():
+    case = next(c for c in cases.EXAMPLES["nf4_quantize"] if c["values"] == "nested_ties")
+    w = cases.nf4_weight(case)
+    scales = nf4.quantize_nf4(w, case["blocksize"], False).absmax  # (700,)
+    assert scales.numel() > 2 * nf4.NESTED_BLOCKSIZE and scales.numel() % nf4.NESTED_BLOCKSIZE
+    for order in (scales, scales.flip(0), scales[torch.randperm(scales.numel())]):
+        running = torch.zeros((), dtype=torch.float32)
+        for value in order:  # a naive float32 running sum: every partial sum exact
+            running = running + value
+        assert running.item() == scales.numel() and order.mean().item() == 1.0
+    q = nf4.quantize_nf4(w, case["blocksize"], True)
+    assert q.offset.item() == 1.0 and len(set(q.nested_absmax.tolist())) == 3
+    tail = scales[2 * nf4.NESTED_BLOCKSIZE:] - 1  # the partial nested block, centred
+    dynamic = nf4.dynamic_code()
+    by_division = nearest_by_midpoints(tail / q.nested_absmax[-1], dynamic)
+    by_reciprocal = nearest_by_midpoints(tail * q.nested_absmax[-1].reciprocal(), dynamic)
+    assert int((by_division != by_reciprocal).sum()) >= tail.numel() // 2

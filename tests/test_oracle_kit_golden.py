@@ -94,7 +94,8 @@ def test_an_edited_or_damaged_manifest_makes_verify_fail(golden, tmp_path, capsy
     with open(path, "w", encoding="utf-8") as file:
         file.write('{"cases": [')  # cut short
     assert oracle_kit.golden.main(["verify", directory]) == 1
-    assert "manifest.json: unreadable (JSONDecodeError)" in capsys.readouterr().out
+    assert "manifest.json: unreadable (" in (out := capsys.readouterr().out) and \
+        "manifest.json: not valid JSON (Expecting value" in out
 
 
 def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):

@@ -4,10 +4,13 @@ the checksum, atomic writes.
 Comparisons are bit for bit (through a uint8 view of each tensor), so NaN payloads, -0.0 and
 subnormals must survive unchanged: a file format has no tolerance.
 """
+import errno
 import hashlib
 import json
 import os
+import resource
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -390,22 +393,79 @@ def test_atomic_write_leaves_no_temporary_file_when_the_writer_raises(tmp_path):
         atomic_write(tmp_path, lambda file: None)
 
 
+def dead_pid() -> int:
+    """The id of a process that has just ended (and been reaped): no process has it now."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
 def test_remove_stale_temporaries_removes_leftovers_and_nothing_else(tmp_path):
-    keep = ["model.safetensors", "tmp-not-hidden", ".tmpfile", "a.tmp-x"]
-    stale = [".tmp-abc123", ".tmp-x.pt"]
+    gone, alive = dead_pid(), os.getpid()
+    keep = ["model.safetensors", "tmp-not-hidden", ".tmpfile", "a.tmp-x", ".tmp-abc123",
+            ".tmp-x.pt", ".tmp-notes.txt", f".tmp-{alive}-abcd1234", f".tmp-{gone}-abcd123",
+            f".tmp-{gone}-abcd1234.txt", f".tmp-{gone}-ABCD1234"]
+    stale = [f".tmp-{gone}-abcd1234", f".tmp-{gone}-x_9y8z7w"]
     for name in keep + stale:
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / ".tmp-folder").mkdir()
+    (tmp_path / f".tmp-{gone}-folder01").mkdir()
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".tmp-inner").write_bytes(b"x")
-    os.symlink(tmp_path / "model.safetensors", tmp_path / ".tmp-link")
+    (tmp_path / "sub" / f".tmp-{gone}-inner012").write_bytes(b"x")
+    os.symlink(tmp_path / "model.safetensors", tmp_path / f".tmp-{gone}-link0123")
 
     removed = remove_stale_temporaries(tmp_path)
     assert removed == sorted(str(tmp_path / name) for name in stale)
-    assert sorted(os.listdir(tmp_path)) == sorted(keep + [".tmp-folder", "sub", ".tmp-link"])
-    assert os.listdir(tmp_path / "sub") == [".tmp-inner"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        keep + [f".tmp-{gone}-folder01", "sub", f".tmp-{gone}-link0123"])
+    assert os.listdir(tmp_path / "sub") == [f".tmp-{gone}-inner012"]
     assert remove_stale_temporaries(tmp_path) == []
     assert remove_stale_temporaries(tmp_path / "does-not-exist") == []
+
+
+def test_nothing_is_removed_through_a_link_out_of_the_root(tmp_path):
+    """The probe: an adapter folder of the run that is a link to a folder elsewhere."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    leftover = elsewhere / f".tmp-{dead_pid()}-abcd1234"
+    leftover.write_bytes(b"someone else's")
+    os.symlink(elsewhere, run / "adapter-lora")
+    assert remove_stale_temporaries(run / "adapter-lora", root=run) == []
+    assert leftover.exists()
+    (run / "inside").mkdir()
+    os.replace(leftover, run / "inside" / leftover.name)
+    assert remove_stale_temporaries(run / "inside", root=run) == [
+        str(run / "inside" / leftover.name)]
+
+
+def test_atomic_write_names_its_temporary_with_its_pid_and_the_file_in_os_errors(tmp_path):
+    seen = []
+
+    def writer(file):
+        seen.extend(os.listdir(tmp_path))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space left on device") as error:
+        atomic_write(tmp_path / "t.st", writer)
+    assert error.value.filename == str(tmp_path / "t.st") and error.value.errno == errno.ENOSPC
+    (name,) = seen
+    assert safetensors_io.TEMPORARY_NAME.fullmatch(name)[1] == str(os.getpid())
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError) as error:
+        atomic_write(tmp_path / "gone" / "t.st", lambda file: None, make_folder=False)
+    assert error.value.filename == str(tmp_path / "gone" / "t.st")
+
+
+def test_a_file_size_limit_is_an_os_error_naming_the_file(tmp_path):
+    """`ulimit -f`: Python ignores SIGXFSZ, so the write fails with EFBIG, named."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as error:
+            atomic_write(tmp_path / "big.bin", lambda file: file.write(b"x" * 100_000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert error.value.errno == errno.EFBIG and error.value.filename == str(tmp_path / "big.bin")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

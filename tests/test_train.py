@@ -20,6 +20,7 @@ import lora
 import train
 from assertions import assert_same
 from formats import safetensors_io
+from test_safetensors_io import dead_pid
 from training import runs
 
 QUICK = train.TrainConfig(**train.QUICK)
@@ -132,6 +133,7 @@ def fine_tune_steps(folder, method, dropout, crash_at=None, resume=False):
     """train.py's fine-tuning path (prepare, optimizer, loop with checkpoints) on a tiny base: 12
     steps, checkpoints every 5; `crash_at` raises after that step, as a kill would stop it."""
     cfg = dataclasses.replace(QUICK, finetune_steps=12, checkpoint_every=5)
+    folder.mkdir(exist_ok=True)  # train.py makes its run folder; checkpoints never do
     opts = train.method_options(method, train.build_parser().parse_args(
         [] if method == "full" else ["--dropout", str(dropout)]))
     model = train.prepare(method, train.build_model(cfg, 11, "cpu"), opts, cfg.seed)
@@ -284,12 +286,16 @@ def test_corrupt_run_and_results_files_are_set_aside_and_started_afresh(tmp_path
 def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path, capsys):
     folder = copy_of_quick_run(tmp_path, only_base=True)
     os.makedirs(os.path.join(folder, "adapter-lora"))
-    stale = [os.path.join(folder, ".tmp-abc123.pt"), os.path.join(folder, "adapter-lora", ".tmp-x")]
-    for path in stale:
+    gone = dead_pid()
+    stale = [os.path.join(folder, f".tmp-{gone}-abc12345"),
+             os.path.join(folder, "adapter-lora", f".tmp-{gone}-x1234567")]
+    users = [os.path.join(folder, ".tmp-notes.txt"), os.path.join(folder, ".tmp-abc123.pt")]
+    for path in stale + users:
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
     status, err = run_main(["--quick", "--out", folder, "--method", "full", "--steps", "1"], capsys)
     assert status == 0 and not any(os.path.exists(path) for path in stale)
+    assert all(os.path.exists(path) for path in users)  # not atomic_write's names: kept
     assert "left by an interrupted save" in err
 
 

@@ -30,14 +30,16 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
 import qlora
-from formats import adapter_files, safetensors_io
+from formats import adapter_files, safe_open, safetensors_io
 from tiny_gpt import GPT, GPTConfig
+from training import locks
 
 UNK = "\x00"  # the unknown character; id 0
 CHECKPOINT_MAGIC = b"tiny-gpt checkpoint, sha256 of the torch.save bytes after this line: "
@@ -118,7 +120,7 @@ def save_checkpoint(state: dict, path: str) -> None:
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
     file_bytes = CHECKPOINT_MAGIC + digest + b"\n" + payload
-    safetensors_io.atomic_write(path, lambda f: f.write(file_bytes))
+    safetensors_io.atomic_write(path, lambda f: f.write(file_bytes), make_folder=False)
 
 
 def read_checkpoint(path: str, identity: dict | None = None) -> dict:
@@ -127,17 +129,8 @@ def read_checkpoint(path: str, identity: dict | None = None) -> dict:
     With `identity` (the method, its options, the configs), refuse a checkpoint made with another,
     naming each field that differs with both values (OtherRun).
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    start = len(CHECKPOINT_MAGIC) + 65  # the magic words, 64 hex digits and a newline
-    if not data:
-        raise CorruptFile(f"{path} is empty (an interrupted write?)")
-    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < start:
-        raise CorruptFile(f"{path} is not a checkpoint of this project (or its first line is "
-                          f"damaged)")
-    if hashlib.sha256(data[start:]).hexdigest().encode() != data[len(CHECKPOINT_MAGIC):start - 1]:
-        raise CorruptFile(f"{path} does not match its SHA-256: the file is corrupt or truncated")
-    checkpoint = torch.load(io.BytesIO(data[start:]), map_location="cpu", weights_only=True)
+    payload = _verified_payload(path)
+    checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     if identity is not None:
         made, wanted = flat(checkpoint.get("identity", {})), flat(identity)
         differ = [f"{key} {made.get(key)!r} there, {wanted.get(key)!r} here"
@@ -146,6 +139,35 @@ def read_checkpoint(path: str, identity: dict | None = None) -> dict:
             raise OtherRun(f"cannot resume from {path}: it was made with other options "
                            f"({'; '.join(differ)})")
     return checkpoint
+
+
+def _verified_payload(path: str) -> bytes:
+    """The torch.save bytes of a checkpoint file, after its first line and its SHA-256 are checked.
+
+    Memory: the first line is read first (a file without it is refused having read 136 bytes),
+    the SHA-256 is computed piece by piece, and only a file that matches is read whole (and
+    hashed again in memory, in case it changed in between).
+    """
+    start = len(CHECKPOINT_MAGIC) + 65  # the magic words, 64 hex digits and a newline
+    file, size = safe_open.open_regular(path)  # a FIFO, device or folder: one line
+    with file:
+        if size == 0:
+            raise CorruptFile(f"{path} is empty (an interrupted write?)")
+        first = file.read(start)
+        if not first.startswith(CHECKPOINT_MAGIC) or len(first) < start:
+            raise CorruptFile(f"{path} is not a checkpoint of this project (or its first line is "
+                              f"damaged)")
+        stored, digest = first[len(CHECKPOINT_MAGIC):start - 1], hashlib.sha256()
+        while chunk := file.read(safe_open.CHUNK_BYTES):
+            digest.update(chunk)
+        if digest.hexdigest().encode() != stored:
+            raise CorruptFile(f"{path} does not match its SHA-256: the file is corrupt or "
+                              f"truncated")
+        file.seek(start)
+        payload = safe_open.read_exactly(file, size - start, path)
+    if hashlib.sha256(payload).hexdigest().encode() != stored:
+        raise CorruptFile(f"{path} changed while being read")
+    return payload
 
 
 def flat(tree: dict) -> dict:
@@ -161,16 +183,18 @@ def json_digest(payload) -> str:
 
 def write_json(path: str, payload) -> None:
     text = json.dumps({"sha256": json_digest(payload), "payload": payload}, indent=1)
-    safetensors_io.atomic_write(path, lambda f: f.write(text.encode()))
+    safetensors_io.atomic_write(path, lambda f: f.write(text.encode()), make_folder=False)
 
 
 def read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = safe_open.load_json(path)  # a FIFO or folder: NotRegularFile, never set aside
         matches = json_digest(data["payload"]) == data["sha256"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CorruptFile(f"{path} is not a JSON file of this project ({error})") from None
+    except safe_open.NotRegularFile:
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        why = str(error).removeprefix(f"{path}: ")
+        raise CorruptFile(f"{path} is not a JSON file of this project ({why})") from None
     if not matches:
         raise CorruptFile(f"{path} does not match its SHA-256: the file is corrupt")
     return data["payload"]
@@ -187,7 +211,12 @@ def set_aside(path: str, reason: Exception) -> None:
 
 def record(out: str, name: str, entry: dict, row: dict | None = None, order=()) -> None:
     """`name`'s entry into run.json and its row into results.json, ordered by `order`; the other
-    methods' stay."""
+    methods' stay. Under the folder's records lock: runs sharing the folder lose no entry."""
+    with locks.shared_file_lock(out, "records"):
+        _record(out, name, entry, row, order)
+
+
+def _record(out: str, name: str, entry: dict, row: dict | None, order) -> None:
     update_json(os.path.join(out, "run.json"), lambda run: {**(run or {}), name: entry})
     if row is not None:
         def rows(old_rows):
@@ -224,7 +253,9 @@ def weights_name(method: str) -> str:
 
 def save_weights(method: str, model: torch.nn.Module, path: str) -> int:
     """Write what `method` trained (an adapter folder in PEFT's format; for `full`, the state dict
-    as a safetensors file) to `path`; return its size in bytes."""
+    as a safetensors file) to `path`; return its size in bytes. The run folder must still be
+    there: a run whose folder was deleted stops (locks.RunFolderGone) rather than recreate it."""
+    locks.check_folder_is_there(os.path.dirname(path) or ".")
     if method == "full":
         safetensors_io.save_file(model.state_dict(), path)
     else:
@@ -248,17 +279,22 @@ def load_model(out: str, method: str) -> tuple[torch.nn.Module, str]:
     mode, and its vocabulary. MissingRun or CorruptFile say which file and what to do."""
     make = make_command(out, method)
     run_file = os.path.join(out, "run.json")
-    if not os.path.isfile(run_file):
+    if not os.path.exists(run_file):
         raise MissingRun(f"{out} holds no run ({run_file} is missing): make one with {make}")
-    entry = read_json(run_file).get(method)
+    run = read_json(run_file)
+    entry = run.get(method) if isinstance(run, dict) else None
     if entry is None:
         raise MissingRun(f"{out} holds no {method} run: make one with {make}")
+    check_run_entry(run_file, method, entry)
     base, weights = entry["base"], entry["weights"] and os.path.join(out, entry["weights"])
     checkpoint = os.path.join(out, base["checkpoint"])
     for path in (checkpoint, weights):
         if path and not os.path.exists(path):
             raise MissingRun(f"{path} is missing: make it with {make}")
     model = GPT(GPTConfig(**base["model_config"]))
+    if len(base["vocab"]) != model.config.vocab_size:
+        raise CorruptFile(f"{run_file}: {method}'s vocabulary has {len(base['vocab'])} "
+                          f"characters but its model {model.config.vocab_size}")
     model.load_state_dict(read_checkpoint(checkpoint)["model"])
     if weights_fingerprint(model) != base["fingerprint"]:
         raise CorruptFile(f"{checkpoint} holds another base than the one {method} was "
@@ -273,8 +309,36 @@ def load_model(out: str, method: str) -> tuple[torch.nn.Module, str]:
             qlora.quantize_model(model, targets, quantization["blocksize"],
                                  quantization["double_quant"],
                                  getattr(torch, quantization["compute_dtype"]))
-        model = adapter_files.apply_saved_adapter(model, weights)
+        saved = adapter_files.read_adapter(weights)
+        if saved.method != ADAPTER_METHOD.get(method, method):
+            raise CorruptFile(f"{weights} holds a {saved.method} adapter, not {method}'s")
+        model = adapter_files.apply_saved_adapter(model, saved)
     return model.eval(), base["vocab"]
+
+
+# What each method's adapter folder holds: QLoRA trains a LoRA adapter on its 4-bit base.
+ADAPTER_METHOD = {"qlora": "lora"}
+BASE_CHECKPOINT = re.compile(r"base-[0-9a-f]{12}\.pt")
+
+
+def check_run_entry(run_file: str, method: str, entry) -> None:
+    """A run.json entry names only its own files, in its own folder, and a vocabulary that can be
+    one: a CorruptFile naming the field otherwise (run.json's checksum can be recomputed by
+    anyone, so what it names is checked like any input)."""
+    def refuse(what: str):
+        raise CorruptFile(f"{run_file}: {method}'s {what}")
+    base = entry.get("base") if isinstance(entry, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("model_config"), dict):
+        refuse("entry is not one train.py writes (no base or model_config)")
+    expected = None if method == "base" else weights_name(method)
+    if entry.get("weights") != expected:
+        refuse(f"weights are {entry.get('weights')!r}; train.py writes {expected!r} there")
+    checkpoint = base.get("checkpoint")
+    if not isinstance(checkpoint, str) or not BASE_CHECKPOINT.fullmatch(checkpoint):
+        refuse(f"base checkpoint is {checkpoint!r}, not a base-<12 hex digits>.pt of its folder")
+    vocab = base.get("vocab")
+    if not isinstance(vocab, str) or not vocab.startswith(UNK) or len(set(vocab)) != len(vocab):
+        refuse("vocabulary is not UNK followed by distinct characters")
 
 
 def occupied(out: str, methods) -> str | None:
