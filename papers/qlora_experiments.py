@@ -379,11 +379,11 @@ def plot_spike(result, path) -> None:
 EXPERIMENTS = (
     Experiment(
         name="qlora-dtypes",
-        claim=("QLoRA (Dettmers et al. 2023) §3, Fig. 3, Table 2: \"4-bit NormalFloat yields "
-               "better performance than 4-bit Floating Point\" and Int4; §4: QLoRA \"replicates "
-               "16-bit full finetuning and 16-bit LoRA finetuning performance\"; §3: double "
-               "quantization \"reduces the memory footprint from 32/64 = 0.5 bits, to "
-               "8/64 + 32/(64 · 256) = 0.127 bits\""),
+        claim=("QLoRA (Dettmers et al. 2023) §4, Fig. 3, Table 2: \"4-bit NormalFloat yields "
+               "better performance than 4-bit Floating Point\" (and Int4); §4: \"k-bit QLoRA "
+               "matches 16-bit full finetuning and 16-bit LoRA performance\"; §3: double "
+               "quantization \"reduces the memory footprint per parameter from 32/64 = 0.5 bits, "
+               "to 8/64 + 32/(64 · 256) = 0.127 bits\""),
         run=run_dtypes, table=dtypes_table, plot=plot_dtypes),
     Experiment(
         name="paged-spike",
