@@ -6,13 +6,19 @@ does); section 4.1 trains the magnitude m directly and the direction with LoRA (
 
     W' = m ⊙ V / ||V||,   V = W0 + s B A,   m initialised to ||W0||,   s = alpha / r
 
-The paper's W is (d, k) = (in, out) and ||.||_c is the norm of each *column*, one per output. In
-this project's nn.Linear layout W0 is (out, in): the same norms are those of each output *row*,
-and m has shape (out,). Below, "⊙" scales row i of a matrix, or column i of activations, by entry
-i of an (out,) vector. A fresh adapter has B = 0, so V = W0 and m = ||V||: W' = W0, the base.
+Eq. 5 writes V = W0 + B A: the scale s is LoRA's (its section 4.1 text), which PEFT applies to
+DoRA's update too; it is folded in here.
+||.||_c is "the vector-wise norm of a matrix across each column" (section 3.2), with W of shape
+(d, k); the paper does not say which of d and k is the output, so the layout is ambiguous (LoRA,
+which DoRA builds on, has W0 x with W0 (d, k) = (out, in), which would make the norms per input).
+We follow PEFT: one norm per output, the norm of each *row* of this project's nn.Linear layout
+(out, in), and m has shape (out,). Below, "⊙" scales row i of a matrix, or column i of
+activations, by entry i of an (out,) vector. A fresh adapter has B = 0, so V = W0 and
+m = ||V||: W' = W0, the base.
 
-The forward, without building W' for the activations (`dora_forward`). With n = ||V|| and
-g = m / n, both (out,), the update is ΔW = W' − W0 = g ⊙ V − W0 = (g − 1) ⊙ W0 + g ⊙ s B A.
+The forward, without building W' for the activations (`dora_forward`; this form is ours, not the
+paper's: its section 4.3 is the detached norm). With n = ||V|| and g = m / n, both (out,), the
+update is ΔW = W' − W0 = g ⊙ V − W0 = (g − 1) ⊙ W0 + g ⊙ s B A.
 Dropout d acts, as in LoRA, on the input of the update only; the frozen path W0 x + b sees x:
 
     y = W0 x + b + ΔW d(x) = W0 x + b + (g − 1) ⊙ W0 d(x) + g ⊙ s B A d(x)          (F)
@@ -27,15 +33,15 @@ Autograd through x W'^T would instead build the dense (out, in) gradient of W' i
 a GEMM as large as full fine-tuning's, which is what low-rank adaptation exists to avoid.
 
 Detached norm (section 4.3): the paper treats ||V|| as a constant in backpropagation; it follows
-B and A in the forward but gets no gradient. Then ∇_V L = g ⊙ ∇_W' L, without the projection
-(I − V V^T / n^2) of each row's gradient that section 4.2 derives (eq. 6); ∇_m L is unchanged,
-as m is not in n (`dora_grads` writes both forms out). Here the norm is computed under
-torch.no_grad(): no graph is kept for V, and the backward is LoRA's with g ⊙ ∇_y L in place of
-∇_y L, plus one (out,) reduction for ∇_m.
+B and A in the forward but gets no gradient, which drops the projection that section 4.2's
+gradient of V applies to each row (eq. 6); m's gradient (eq. 7) is unchanged, as m is not in the
+norm (`dora_grads` computes both forms). Here the norm is computed under torch.no_grad(): no graph
+is kept for V, and the backward is LoRA's with the output gradient scaled row by row by m / ||V||,
+plus one (out,) reduction for m's gradient.
 `detach_norm=False` keeps the norm in the graph (the exact gradient of eq. 5): autograd then
 saves V, an (out, in) tensor per adapted layer (a second copy of every adapted weight), until the
-backward, and builds the dense (out, in) gradient −(g c / n^2) ⊙ V, c = Σ_tokens ∇_y L ⊙ V d(x),
-which it sends through the addmm into A and B (two more GEMMs of size out · in · r).
+backward, and builds a dense (out, in) gradient along V for the norm, which it sends through the
+addmm into A and B (two more GEMMs of size out · in · r).
 
 Zero rows: where a row of V is all zeros, ||V|| = 0 and m / ||V|| is 0 / 0 (PEFT returns NaN
 there: its issue 2049). The norm is taken as max(||V||, DORA_NORM_EPS), as
@@ -98,16 +104,19 @@ def dora_grads(V: torch.Tensor, magnitude: torch.Tensor, grad_weight: torch.Tens
                detach_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(∇_m L, ∇_V L) of W' = m ⊙ V / ||V|| from G = ∇_W' L (section 4.2, eq. 6 and 7; 4.3).
 
-    V = W0 + s B A is the paper's V' = W0 + ΔW. Its norm is per column of its (in, out) matrices,
-    per row of ours (row_norm): row i here is the paper's column i. With n = ||V||, g = m / n and
-    c = Σ_in G ⊙ V (out,), the part of each row of G along that row of V:
-        ∇_m L = c / n                                              (out,)      (eq. 7)
-        ∇_V L = g ⊙ (G − (c / n^2) ⊙ V) = g ⊙ (I − V V^T / n^2) G  (out, in)   (eq. 6)
-    The projection drops G's component along V: moving V along itself changes only ||V||, which
-    the division cancels. `detach_norm` (section 4.3): n is a constant, ∇_V L = g ⊙ G; ∇_m L is
-    the same (m is not in n). A row under DORA_NORM_EPS has the constant floor as its norm: no
-    projection there. LoRA's factors follow by the chain rule: ∇_B = s ∇_V A^T, ∇_A = s B^T ∇_V.
+    V = W0 + s B A (out, in) is the paper's V' = W0 + ΔW, magnitude m (out,), grad_weight G
+    (out, in). Returns ∇_m L (out,) and ∇_V L (out, in). The norm is per row of V (row_norm), the
+    paper's column norm: row i here is the paper's column i. With `detach_norm` (section 4.3) the
+    norm is a constant for autograd. A row whose norm is under DORA_NORM_EPS has the constant
+    floor as its norm. LoRA's factors follow by the chain rule through V = W0 + s B A.
     """
+    # With n = ||V||, g = m / n and c = Σ_in G ⊙ V (out,), the part of each row of G along V:
+    #     ∇_m L = c / n                                              (out,)      (eq. 7)
+    #     ∇_V L = g ⊙ (G − (c / n^2) ⊙ V) = g ⊙ (I − V V^T / n^2) G  (out, in)   (eq. 6)
+    # The projection drops G's component along V: moving V along itself changes only ||V||, which
+    # the division cancels. `detach_norm`: n is a constant, ∇_V L = g ⊙ G; ∇_m L is the same (m is
+    # not in n). Under the floor, n does not follow V: no projection there.
+    # LoRA's factors: ∇_B = s ∇_V A^T, ∇_A = s B^T ∇_V.
     norm = row_norm(V)  # (out,)
     c = (grad_weight * V).sum(dim=1)  # (out, in) -> (out,): <G_i, V_i> for each row i
     grad_magnitude = c / norm  # (out,)   (eq. 7)

@@ -5,9 +5,13 @@ The pretrained weight W0 (out, in) stays frozen; a rank-r update is learned besi
 
     h = W0 x + b + (alpha / r) B A x          A: (r, in), B: (out, r)        (paper eq. 3)
 
-A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the layer unchanged (section 4.1:
-"zero for B, so ΔW = BA is zero at the beginning of training"). rsLoRA (Kalajdzievski 2023,
-arXiv 2312.03732) scales by alpha / sqrt(r) instead, so the update's size does not shrink with r.
+Eq. 3 reads h = W0 x + ΔW x = W0 x + B A x; the scale s = alpha / r is in the text below it
+("We then scale ΔW x by alpha / r"), so eq. 3 is written here with s folded in.
+B starts at zero, so a fresh adapter leaves the layer unchanged (section 4.1: "zero for B, so ΔW =
+BA is zero at the beginning of training"). Section 4.1 draws A from a Gaussian; we draw it
+Kaiming-uniform (a = sqrt(5), nn.Linear's default), as PEFT does: a deviation (docs/lora.md).
+rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by alpha / sqrt(r) instead, so the update's
+size does not shrink with r.
 After training, W = W0 + (alpha / r) B A is a plain linear again: no extra inference cost.
 Per adapted layer LoRA trains r * (in + out) parameters instead of in * out.
 
@@ -67,14 +71,16 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def lora_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                scaling: float, grad_out: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx, dL/dA, dL/dB) of h = x W0^T + b + s x A^T B^T by the chain rule, no dropout.
+    """(dL/dx, dL/dA, dL/dB) of eq. 3 without dropout, by the chain rule, given grad_out = dL/dh.
 
-    With G = dL/dh (N, out) and X (N, in), the tokens as rows (sums over tokens are the matmuls):
-        dL/dB = s G^T (X A^T)       (out, r): the output side sees A x
-        dL/dA = s (G B)^T X         (r, in):  the gradient reaching the rank-r bottleneck, G B
-        dL/dx = G W0 + s (G B) A    (..., in): the frozen path passes its gradient on too
-    W0 and b get none: they are frozen (section 4.1). One dtype throughout (the caller's).
+    x (..., in), weight W0 (out, in), A (r, in), B (out, r), scaling s, grad_out (..., out), all
+    in one floating dtype. Returns dL/dx of x's shape, dL/dA (r, in) and dL/dB (out, r). W0 and b
+    are frozen (section 4.1): they get none. The bias does not enter the gradients.
     """
+    # With G = dL/dh (N, out) and X (N, in), the tokens as rows (sums over tokens are the matmuls):
+    #     dL/dB = s G^T (X A^T)       (out, r): the output side sees A x
+    #     dL/dA = s (G B)^T X         (r, in):  the gradient reaching the rank-r bottleneck, G B
+    #     dL/dx = G W0 + s (G B) A    (..., in): the frozen path passes its gradient on too
     X = x.reshape(-1, x.shape[-1])  # (N, in)
     G = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
     GB = G @ B  # (N, out) @ (out, r) -> (N, r)

@@ -2,7 +2,7 @@
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314, section 3.
 One adapted linear layer (the paper writes X W with W of shape (in, out); here W is (out, in) as in
-torch.nn.Linear, so the product is X W^T; L1 L2 = s A^T B^T in lora.py's names):
+torch.nn.Linear, so the product is X W^T; L1 = A^T, L2 = B^T in lora.py's names):
 
     Y^BF16 = X^BF16 doubleDequant(c1^FP32, c2^k-bit, W^NF4)^T + X^BF16 L1^BF16 L2^BF16      (eq. 5)
     doubleDequant(c1, c2, W) = dequant(dequant(c1, c2), W^4bit) = W^BF16                    (eq. 6)

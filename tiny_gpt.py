@@ -9,9 +9,9 @@ position embeddings and character-level tokens:
 
 Attention uses four *separate* linears, `q_proj`, `k_proj`, `v_proj` and `o_proj`, and the MLP two,
 `up_proj` and `down_proj`, so that adapters can target each by name as in the LoRA paper
-(arXiv 2106.09685, section 4.2, which adapts W_q and W_v). `lm_head` is NOT tied to the token
-embedding: it is a linear of its own, and it is not an adapter target by default (only linears
-inside the blocks are; see `adapters.ALL_LINEAR`).
+(arXiv 2106.09685: section 7.1's experiments choose W_q and W_v). `lm_head` is NOT tied to the
+token embedding: it is a linear of its own, and it is not an adapter target by default (only
+linears inside the blocks are; see `adapters.ALL_LINEAR`).
 
 Letters in the shape comments: B batch, T time (sequence length), C channels (n_embd),
 nh heads, hs head size (C // nh), V vocabulary size.
@@ -69,6 +69,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal multi-head self-attention of x (B, T, C) -> (B, T, C), with the four projections
+        q_proj, k_proj, v_proj, o_proj and n_head heads of C // n_head channels; position t
+        attends to positions 0..t only. Dropout (on the attention weights and the output) only
+        while training."""
         B, T, C = x.shape
         hs = C // self.n_head
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)

@@ -61,22 +61,24 @@ MAX_SEED = 2**64 - 1
 # --------------------------------------------------------------------------------------------------
 # The math, in the paper's order: what an oracle user calls.
 
-def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    std = KAIMING_GAIN / math.sqrt(shape[1])  # fan_in: the second dimension, as in PEFT
-    bound = UNIFORM_BOUND_PER_STD * std
-    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-
-
 def vera_projections(r: int, max_in: int, max_out: int,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared frozen pair: A (r, max_in) then B (max_out, r), float32, from one generator.
 
-    Drawn on the CPU in PEFT's order, so the same seed gives PEFT's `vera_A`/`vera_B` bit for bit
-    (`projection_prng_key`), and the same bits on every device.
+    `torch.Generator().manual_seed(seed)` draws A first, then B, each Kaiming-uniform as PEFT's
+    vera `_kaiming_init` draws it (KAIMING_GAIN, fan_in the matrix's second dimension), on the
+    CPU: the same seed gives PEFT's `vera_A`/`vera_B` bit for bit (`projection_prng_key`), and the
+    same bits on every device. The CPU generator seeds its Mersenne Twister from the seed's low 32
+    bits, so seeds that differ by a multiple of 2**32 draw the same pair (PEFT's too).
     """
     generator = torch.Generator().manual_seed(seed)
-    A = _kaiming_uniform((r, max_in), generator)  # (r, max_in), drawn first
-    B = _kaiming_uniform((max_out, r), generator)  # (max_out, r)
+    drawn = []
+    for shape in ((r, max_in), (max_out, r)):  # A first, then B
+        std = KAIMING_GAIN / math.sqrt(shape[1])  # fan_in: the second dimension, as in PEFT
+        bound = UNIFORM_BOUND_PER_STD * std
+        drawn.append(torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound,
+                                                                      generator=generator))
+    A, B = drawn
     return A, B
 
 
@@ -114,14 +116,16 @@ def vera_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def vera_grads(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                lambda_d: torch.Tensor, lambda_b: torch.Tensor, grad_out: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dλ_d, dL/dλ_b, dL/dx) of h = W0 x + b + Λ_b B Λ_d A x by the chain rule, no dropout.
+    """(dL/dλ_d, dL/dλ_b, dL/dx) of eq. 2 without dropout by the chain rule, grad_out = dL/dh.
 
-    With G = dL/dh (N, out), X (N, in) and P = X A^T (N, r), each token's A x, summed over tokens:
-        dL/dλ_b = Σ_N G ⊙ ((P ⊙ λ_d) B^T)              (out,): G against B Λ_d A x
-        dL/dλ_d = Σ_N P ⊙ ((G ⊙ λ_b) B)                (r,):   B^T Λ_b G against A x
-        dL/dx   = G W0 + (((G ⊙ λ_b) B) ⊙ λ_d) A       (..., in): (Λ_b B Λ_d A)^T G, and W0's
-    A, B, W0 and b are frozen (section 3): they get none. One dtype throughout (the caller's).
+    x (..., in), weight W0 (out, in), A (r, in), B (out, r), lambda_d (r,), lambda_b (out,),
+    grad_out (..., out), all in one floating dtype. Returns dL/dλ_d (r,), dL/dλ_b (out,) and dL/dx
+    of x's shape. A, B, W0 and b are frozen (section 3): they get none.
     """
+    # With G = dL/dh (N, out), X (N, in) and P = X A^T (N, r), each token's A x, summed over tokens:
+    #     dL/dλ_b = Σ_N G ⊙ ((P ⊙ λ_d) B^T)              (out,): G against B Λ_d A x
+    #     dL/dλ_d = Σ_N P ⊙ ((G ⊙ λ_b) B)                (r,):   B^T Λ_b G against A x
+    #     dL/dx   = G W0 + (((G ⊙ λ_b) B) ⊙ λ_d) A       (..., in): (Λ_b B Λ_d A)^T G, and W0's
     X = x.reshape(-1, x.shape[-1])  # (N, in)
     G = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
     P = X @ A.t()  # (N, in) @ (in, r) -> (N, r): A x

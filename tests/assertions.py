@@ -7,13 +7,15 @@ this order, and stops at the first failure:
 3. bit equality (unless `exact=False`): failing only this means *right math, other rounding*, e.g.
    a different order of operations, which the message says in so many words.
 Each failure names the first differing index, both values (bytes in hex too), the largest
-difference and, for floats, the distance in ulps (units in the last place). `blocksize` (elements
+difference and, for right math with other rounding, the distance in ulps (units in the last place,
+explained in the message). `blocksize` (elements
 of the compared tensor a block: B for NF4 values, B / 2 for their packed bytes) adds the block the
 first difference is in.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 # Tolerances of step 2: a correct formula computed in another order lands well inside them.
 TOLERANCES = {  # dtype: (rtol, atol)
@@ -62,9 +64,11 @@ def _report(actual, expected, differs, name, kind, blocksize=None) -> str:
         both = ~(torch.isnan(actual) & torch.isnan(expected))
         diff = (actual.double() - expected.double()).abs()[both & differs]
         if diff.numel():
-            lines.append(f"  largest difference {diff.max().item():.6g}; "
-                         f"ulps apart: first {int(ulps(actual, expected).reshape(-1)[first])}, "
-                         f"most {int(ulps(actual, expected)[differs].max())}")
+            lines.append(f"  largest difference {diff.max().item():.6g}")
+            if kind.startswith("right math"):  # ulps say how small the difference is
+                lines[-1] += (f"; {int(ulps(actual, expected)[differs].max())} ulps apart at most "
+                              "(ulp: the gap between neighbouring floats of this dtype; a few ulps "
+                              "is rounding, not a formula error)")
     else:
         diff = (actual.long() - expected.long()).abs()
         lines.append(f"  largest difference {int(diff.max())}")
@@ -107,3 +111,14 @@ def assert_same(actual, expected, name: str = "tensor", *, exact: bool = True,
     same = actual == expected
     if not bool(same.all()):
         raise AssertionError(_report(actual, expected, ~same, name, "values differ", blocksize))
+
+
+def assert_gradcheck(function, inputs, name: str = "the hand-written backward") -> None:
+    """torch.autograd.gradcheck, failing in one short message instead of its Jacobian dumps."""
+    try:
+        torch.autograd.gradcheck(function, inputs)
+    except GradcheckError as error:
+        first = str(error).splitlines()[0].rstrip(",")
+        raise AssertionError(
+            f"{name} disagrees with central finite differences of the forward: {first} (the "
+            "direct comparison's message above shows the values)") from None

@@ -10,7 +10,10 @@ Hypothesis profiles:
 Select one by hand with ``pytest --hypothesis-profile=dev``.
 
 ``python -m pytest --exercise MODULE.FUNCTION`` runs exactly the tests marked
-``@pytest.mark.exercise("MODULE.FUNCTION")``; ``--exercise list`` prints every exercise of
+``@pytest.mark.exercise("MODULE.FUNCTION")``, and to be quick about it collects only the files that
+hold them (read from their text, see tests/exercises.py's `test_files`); the direct comparisons
+run before ``gradcheck`` (whose finite differences say less about what is wrong), tracebacks are
+short (``--tb=short`` unless ``--tb`` is given). ``--exercise list`` prints every exercise of
 docs/exercises.md with its test count. tests/exercises.py lists them in teaching order.
 """
 import os
@@ -68,6 +71,19 @@ def pytest_configure(config):
         "markers", "exercise(name, ...): the test checks exercise `name` of docs/exercises.md")
     if config.getoption("--exercise"):
         settings.load_profile("exercise")
+        if config.option.tbstyle == "auto":  # not set on the command line
+            config.option.tbstyle = "short"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """In exercise mode, skip the test files that hold none of the exercise's tests."""
+    wanted = config.getoption("--exercise")
+    name = collection_path.name
+    if not wanted or not (name.startswith("test_") and name.endswith(".py")):
+        return None
+    import exercises
+    marked = exercises.marked_in(str(collection_path))
+    return None if (wanted in marked if wanted != "list" else marked) else True
 
 
 def marked_exercises(items) -> dict:
@@ -98,6 +114,16 @@ def pytest_collection_modifyitems(config, items):
     if wanted not in found:
         raise pytest.UsageError(f"--exercise {wanted!r}: no test is marked for it; "
                                 "`python -m pytest --exercise list` lists the exercises")
-    keep = found[wanted]
+    # The direct comparisons first, gradcheck last: a red run opens with the values that differ.
+    keep = sorted(found[wanted], key=lambda item: "gradcheck" in item.name)
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield
+    if item.config.getoption("--exercise") and hasattr(item, "_hypothesis_failing_examples"):
+        # Hypothesis would turn the failing example into a patch file for the test's source: it
+        # imports libcst (a second or more) and prints a line a student does not need.
+        del item._hypothesis_failing_examples

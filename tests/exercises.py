@@ -1,19 +1,51 @@
-"""The exercises of docs/exercises.md in teaching order, and the means to blank a function.
+"""The exercises of docs/exercises.md in teaching order, their known wrong answers, and the handout.
 
 Each `Exercise` names the function a student rebuilds (`MODULE.FUNCTION` or `MODULE.Class.method`),
 what to read, and the known wrong answers: implementations the exercise's tests must reject.
-tests/test_exercises.py checks, for every exercise, that its tests fail when the function is blanked
-(its body replaced by `raise NotImplementedError`) and when each wrong answer stands in for it.
+
+    python tests/exercises.py handout DIR [NAME ...]
+
+writes a copy of the project to DIR in which each exercise's function (or the NAMEs given) keeps
+its signature and docstring (the contract: arguments, shapes, what it returns) and has the body
+
+    raise NotImplementedError("see docs/exercises.md#NAME")
+
+The copy is plain source, edited at the positions Python's `ast` gives; nothing is patched at run
+time. tests/test_exercises.py checks the exercises are honest with two such copies, each run by one
+pytest session in a subprocess (`python tests/exercises.py check MODE REPORT`):
+- the handout itself: every exercise's tests fail there;
+- a rehearsal copy, where each exercise's function opens with a hook (`stand_in(NAME)`) that
+  hands the call to whatever `ACTIVE[NAME]` holds (nothing: the real body runs). The session
+  runs each exercise's tests on the real code, with the function blank, and with each known wrong
+  answer standing in, and writes which tests failed to a JSON report.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
+import ast
+import json
 import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+if __name__ == "__main__":  # run as a script: hand over to the module `exercises` itself, which
+    import exercises  # the hooks, the wrong answers and the registry import under that name
+    sys.exit(exercises.main(sys.argv[1:]))
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+# What a copy of the project leaves out: version control, caches, run outputs.
+NOT_COPIED = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis",
+                                    ".ruff_cache", "runs", "*.egg-info")
+# A marker in a test file's text: @pytest.mark.exercise("MODULE.FUNCTION", ...).
+MARKER = re.compile(r"mark\.exercise\(((?:\s*\"[\w.]+\",?)+)\s*\)")
 
 
 @dataclass(frozen=True)
@@ -21,62 +53,263 @@ class Exercise:
     name: str                     # MODULE.FUNCTION or MODULE.Class.method: what to rebuild
     reading: str                  # the paper section (or docs page) to read first
     wrong_answers: dict[str, Callable] = field(default_factory=dict)  # label -> a wrong version
-    breaks: tuple[str, ...] = ()  # other exercises whose tests also fail while this one is blank
+    breaks: tuple[str, ...] = ()  # later exercises whose tests also fail while this one is blank
+    # Pieces of the answer (a gradient exercise's formulas) that the handout's docstrings and the
+    # docs' visible text must not contain; the hints in docs/exercises.md hold them, collapsed.
+    answers: tuple[str, ...] = ()
+
+    @property
+    def anchor(self) -> str:
+        """The section of docs/exercises.md: docs/exercises.md#{anchor}."""
+        return self.name.replace(".", "-").lower()
 
 
-def resolve(name: str):
-    """(owner, attribute name, function) for MODULE.FUNCTION or MODULE.Class.method, where MODULE
-    may be a package's module (formats.safetensors_io)."""
+def marked_in(path: str) -> set[str]:
+    """The exercise names that a test file's markers name (read from its text, not imported)."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    return {name for group in MARKER.findall(text) for name in re.findall(r"[\w.]+", group)}
+
+
+def test_files(name: str | None = None, tests_dir: str = TESTS) -> list[str]:
+    """The test files holding tests of exercise `name` (of any exercise for None), sorted."""
+    paths = sorted(os.path.join(tests_dir, n) for n in os.listdir(tests_dir)
+                   if n.startswith("test_") and n.endswith(".py"))
+    return [p for p in paths if (name in marked_in(p) if name else marked_in(p))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a function in the source and rewriting its body.
+
+def locate(name: str, root: str = ROOT) -> tuple[str, list[str]]:
+    """(the file defining `name`, the path of class and function names inside it)."""
     parts = name.split(".")
-    owner = importlib.import_module(parts[0])
-    path = parts[1:]
-    while hasattr(owner, "__path__") and len(path) > 1:  # a package: go down to its module
-        owner = importlib.import_module(f"{owner.__name__}.{path.pop(0)}")
-    for part in path[:-1]:
-        owner = getattr(owner, part)
-    raw = vars(owner)[path[-1]] if isinstance(owner, type) else getattr(owner, path[-1])
-    function = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-    return owner, path[-1], function
+    directory = root
+    while os.path.isdir(os.path.join(directory, parts[0])):  # a package: go down to its module
+        directory = os.path.join(directory, parts.pop(0))
+    return os.path.join(directory, parts[0] + ".py"), parts[1:]
 
 
-def _trampoline(*args, **kwargs):
-    return __exercise_substitute__(*args, **kwargs)  # noqa: F821 (set in the function's module)
+def function_node(tree: ast.Module, qualified: list[str], name: str) -> ast.FunctionDef:
+    scope = tree
+    for part in qualified:
+        found = [n for n in scope.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                 and n.name == part]
+        if len(found) != 1:
+            raise LookupError(f"{name}: {part!r} is defined {len(found)} times where expected once")
+        scope = found[0]
+    if not isinstance(scope, ast.FunctionDef) or ast.get_docstring(scope) is None:
+        raise LookupError(f"{name}: not a function with a docstring")
+    return scope
 
 
-@contextlib.contextmanager
-def substituted(name: str, replacement: Callable):
-    """Calls of `name` run `replacement` instead, wherever `name` is referenced from.
+def call_arguments(node: ast.FunctionDef) -> str:
+    """The function's parameters passed on as they came: 'self, x, *args, key=key, **kwargs'."""
+    a = node.args
+    parts = [p.arg for p in a.posonlyargs + a.args]
+    parts += [f"*{a.vararg.arg}"] if a.vararg else []
+    parts += [f"{p.arg}={p.arg}" for p in a.kwonlyargs]
+    parts += [f"**{a.kwarg.arg}"] if a.kwarg else []
+    return ", ".join(parts)
 
-    The function's code becomes a trampoline to `replacement`, so callers that imported it by name
-    (`from lora import lora_delta`) see the change too. A function whose code has free variables
-    (e.g. a method that calls `super()`) is replaced on its class or module instead. Everything
-    comes back on exit.
-    """
-    owner, attribute, function = resolve(name)
-    if function.__code__.co_freevars:
-        raw = vars(owner)[attribute] if isinstance(owner, type) else getattr(owner, attribute)
-        setattr(owner, attribute, replacement)
-        try:
-            yield
-        finally:
-            setattr(owner, attribute, raw)
-        return
-    module_globals = function.__globals__
-    original = function.__code__
-    module_globals["__exercise_substitute__"] = replacement
-    function.__code__ = _trampoline.__code__
+
+def rewrite_function(root: str, name: str, body: Callable[[ast.FunctionDef, str], str],
+                     keep_body: bool) -> None:
+    """Replace what follows the docstring of `name` (in the copy at `root`) with body(node, indent);
+    with `keep_body`, insert it before the function's own statements instead."""
+    path, qualified = locate(name, root)
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().splitlines(keepends=True)
+    node = function_node(ast.parse("".join(lines)), qualified, name)
+    docstring, first = node.body[0], node.body[min(1, len(node.body) - 1)]
+    indent = " " * docstring.col_offset
+    end = docstring.end_lineno if keep_body else node.end_lineno  # 1-based, inclusive
+    lines[docstring.end_lineno:end] = [body(node, indent)]
+    if keep_body and first is docstring:
+        raise LookupError(f"{name}: nothing after the docstring")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("".join(lines))
+
+
+def blank_body(exercise: Exercise) -> Callable[[ast.FunctionDef, str], str]:
+    return lambda node, indent: (
+        f'{indent}raise NotImplementedError("see docs/exercises.md#{exercise.anchor}")\n')
+
+
+def hook_body(exercise: Exercise) -> Callable[[ast.FunctionDef, str], str]:
+    def body(node, indent):
+        return (f'{indent}_stand_in = __import__("exercises").stand_in("{exercise.name}")\n'
+                f"{indent}if _stand_in is not None:  # the honesty check's rehearsal copy only\n"
+                f"{indent}    return _stand_in({call_arguments(node)})\n")
+    return body
+
+
+def copy_project(dest: str, edit: Callable[[str], None]) -> str:
+    """Copy the project to `dest` (which must not exist), apply edit(copy), then move it into place:
+    a half-written copy never appears at `dest`."""
+    if os.path.lexists(dest):
+        raise FileExistsError(f"{dest} exists already: name a new directory")
+    parent = os.path.dirname(os.path.abspath(dest))
+    staging = tempfile.mkdtemp(prefix=".handout-", dir=parent)
     try:
-        yield
+        copy = os.path.join(staging, "project")
+        shutil.copytree(ROOT, copy, ignore=NOT_COPIED)
+        edit(copy)
+        os.replace(copy, dest)
     finally:
-        function.__code__ = original
-        del module_globals["__exercise_substitute__"]
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
 
 
-def blanked(name: str):
-    """`name` with its body replaced by `raise NotImplementedError`, as a student receives it."""
-    def blank(*args, **kwargs):
-        raise NotImplementedError("this function is an exercise: rebuild it")
-    return substituted(name, blank)
+def by_name(names) -> list[Exercise]:
+    known = {e.name: e for e in EXERCISES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"not an exercise: {', '.join(unknown)} (python -m pytest --exercise "
+                         "list lists them)")
+    return [known[n] for n in names]
+
+
+def handout(dest: str, names=None) -> str:
+    """A copy of the project at `dest` with the exercises `names` (default: all) blanked."""
+    chosen = EXERCISES if not names else by_name(names)
+
+    def edit(copy):
+        for exercise in chosen:
+            rewrite_function(copy, exercise.name, blank_body(exercise), keep_body=False)
+    return copy_project(dest, edit)
+
+
+def rehearsal(dest: str) -> str:
+    """A copy of the project at `dest` whose exercise functions open with the stand-in hook."""
+    def edit(copy):
+        for exercise in EXERCISES:
+            rewrite_function(copy, exercise.name, hook_body(exercise), keep_body=True)
+    return copy_project(dest, edit)
+
+
+# The rehearsal copy's hook reads this: name -> the function that stands in for it (absent: none).
+ACTIVE: dict[str, Callable] = {}
+
+
+def stand_in(name: str) -> Callable | None:
+    return ACTIVE.get(name)
+
+
+def blank_stand_in(*args, **kwargs):
+    raise NotImplementedError("this function is an exercise: rebuild it")
+
+
+# --------------------------------------------------------------------------------------------------
+# The honesty check, run inside a copy by `python tests/exercises.py check MODE REPORT`.
+
+REAL = "real code"
+BLANKED = "blanked"
+# The nested session only needs to know whether a test failed: no tracebacks, no Hypothesis failure
+# patches, none of the unraisable-exception plugin's garbage collections.
+QUIET = ["-q", "--tb=no", "--no-header", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+         "-p", "no:unraisableexception", "-p", "no:warnings"]
+
+
+class HonestyRun:
+    """A plugin for the session in a copy: runs the exercises' tests instead of pytest's loop.
+
+    mode "handout": each exercise's tests, until the first fails, in the handout as it is.
+    mode "rehearsal": each exercise's tests on the real code, then, until the first failure, with
+    the function blank, with each known wrong answer, and (while blank) the exercises it breaks.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.items: dict[str, list] = {}
+        self.outcomes: dict[str, list[str]] = {}
+        self.seconds: dict[str, float] = {}  # CPU seconds of each run, in the report
+
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            for mark in item.iter_markers("exercise"):
+                for name in mark.args:
+                    self.items.setdefault(name, []).append(item)
+
+    def pytest_runtestloop(self, session):
+        from hypothesis import settings
+        # Hypothesis bound each test's settings when its module was imported: each takes the
+        # exercise profile's (few examples, no shrinking; tests/conftest.py), and fewer examples
+        # still where its own settings ask for fewer.
+        profile = settings.get_profile("exercise")
+        for found in self.items.values():
+            for item in found:
+                test = getattr(item.obj, "__func__", item.obj)
+                if getattr(test, "is_hypothesis_test", False):
+                    bound = test._hypothesis_internal_use_settings
+                    test._hypothesis_internal_use_settings = settings(
+                        profile, max_examples=min(profile.max_examples, bound.max_examples))
+        for exercise in EXERCISES:
+            if self.mode == "handout":
+                self.record(exercise.name, BLANKED, stop_at_first=True)
+            else:
+                self.rehearse(exercise)
+        return True  # pytest's own loop does not run
+
+    def record(self, name: str, variant: str, stop_at_first: bool, tests_of: str = None):
+        from _pytest.runner import runtestprotocol
+        start = time.process_time()
+        failed = []
+        for item in self.items.get(tests_of or name, []):
+            if any(report.failed for report in runtestprotocol(item, log=False, nextitem=None)):
+                failed.append(item.nodeid)
+                if stop_at_first:
+                    break
+        self.outcomes[f"{name} | {variant}"] = failed
+        self.seconds[f"{name} | {variant}"] = round(time.process_time() - start, 3)
+
+    def rehearse(self, exercise: Exercise):
+        self.record(exercise.name, REAL, stop_at_first=False)
+        variants = {BLANKED: blank_stand_in, **exercise.wrong_answers}
+        for label, function in variants.items():
+            ACTIVE[exercise.name] = function
+            try:
+                self.record(exercise.name, label, stop_at_first=True)
+                if label == BLANKED:  # the exercises it says it breaks: do they?
+                    for other in exercise.breaks:
+                        self.record(other, f"while {exercise.name} is blanked", True, other)
+            finally:
+                del ACTIVE[exercise.name]
+
+    def report(self) -> dict:
+        return {"marked": {name: [item.nodeid for item in found]
+                           for name, found in self.items.items()},
+                "outcomes": self.outcomes, "cpu_seconds": self.seconds}
+
+
+def check(mode: str, report_path: str) -> int:
+    """Run the honesty session in this copy (the working directory) and write its JSON report."""
+    import pytest
+    run = HonestyRun(mode)
+    code = pytest.main(test_files() + QUIET, plugins=[run])
+    tmp = report_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as file:
+        json.dump(dict(run.report(), exit_code=int(code)), file)
+    os.replace(tmp, report_path)
+    return 0 if code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) else 1
+
+
+def main(argv: list[str]) -> int:
+    usage = ("usage: python tests/exercises.py handout DIR [NAME ...]  |  "
+             "python tests/exercises.py check handout|rehearsal REPORT")
+    try:
+        if len(argv) >= 2 and argv[0] == "handout":
+            handout(argv[1], argv[2:])
+            print(f"wrote {argv[1]}: {len(argv[2:]) or len(EXERCISES)} exercises blanked; "
+                  "docs/exercises.md there says what to read")
+            return 0
+        if len(argv) == 3 and argv[0] == "check" and argv[1] in ("handout", "rehearsal"):
+            return check(argv[1], argv[2])
+    except (OSError, ValueError, LookupError) as error:
+        print(f"exercises.py: {error}", file=sys.stderr)
+        return 1
+    print(usage, file=sys.stderr)
+    return 2
 
 
 # --------------------------------------------------------------------------- known wrong answers

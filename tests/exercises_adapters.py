@@ -58,19 +58,20 @@ def grads_without_scaling_on_A_and_B(x, weight, A, B, scaling, grad_out):
 
 
 LORA_EXERCISES = [
+    Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
+             {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
+              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
+             breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_forward", "LoRA (arXiv 2106.09685) sec. 4.1, eq. 3",
              {"dropout on the frozen path too": forward_with_dropout_on_the_frozen_path,
               "scaling left out": forward_without_scaling}),
     Exercise("lora.lora_delta", "LoRA (arXiv 2106.09685) sec. 4.1 (merging, 'no additional "
              "inference latency')",
              {"B A transposed": delta_transposed, "scaling left out": delta_without_scaling}),
-    Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
-             {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
-              "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
-             breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_grads", "LoRA (arXiv 2106.09685) eq. 3 and the chain rule",
              {"dx without the frozen path": grads_without_the_frozen_path,
-              "dA and dB without the scaling": grads_without_scaling_on_A_and_B}),
+              "dA and dB without the scaling": grads_without_scaling_on_A_and_B},
+             answers=("G W0", "(G B)", "G^T (X A^T)", "Gᵀ (X Aᵀ)", "(X A^T)", "(X Aᵀ)")),
 ]
 
 
@@ -95,6 +96,13 @@ def weight_with_the_norm_always_in_the_graph(weight, A, B, magnitude, scaling, d
     import dora
     V = dora.dora_direction(weight, A, B, scaling)
     return (magnitude / dora.row_norm(V)).unsqueeze(1) * V  # detach_norm ignored (section 4.3)
+
+
+def weight_without_the_norm_floor(weight, A, B, magnitude, scaling, detach_norm=True):
+    import dora
+    V = dora.dora_direction(weight, A, B, scaling)
+    norm = torch.linalg.vector_norm(V, dim=1)  # no DORA_NORM_EPS: a zero row of V gives 0 / 0
+    return (magnitude / (norm.detach() if detach_norm else norm)).unsqueeze(1) * V
 
 
 def grads_without_the_projection(V, magnitude, grad_weight, detach_norm=True):
@@ -127,15 +135,43 @@ DORA_EXERCISES = [
     Exercise("dora.dora_weight", "DoRA (arXiv 2402.09353) sec. 3.2 eq. 2, sec. 4.1 eq. 5, sec. 4.3",
              {"the norm of W0, not of V": weight_normalised_by_W0,
               "norm per column of the (out, in) matrix": weight_normalised_per_column,
-              "norm never detached": weight_with_the_norm_always_in_the_graph}),
+              "norm never detached": weight_with_the_norm_always_in_the_graph,
+              "no floor under the norm": weight_without_the_norm_floor}),
     Exercise("dora.dora_grads", "DoRA (arXiv 2402.09353) sec. 4.2 eq. 6 and 7, sec. 4.3",
              {"no projection": grads_without_the_projection,
               "projection without 1/||V||^2": grads_projecting_without_the_squared_norm,
-              "grad of m not divided by ||V||": grads_with_magnitude_gradient_undivided}),
+              "grad of m not divided by ||V||": grads_with_magnitude_gradient_undivided},
+             answers=("c / n", "(c / n", "G − (c", "G - (c", "c/n²", "c / n²")),
 ]
 
 
-# vera: the forward (eq. 2) and the gradients of the two vectors by hand
+# vera: the shared pair's draw, the forward (eq. 2) and the gradients of the two vectors by hand
+
+def _uniform_pair(r, max_in, max_out, seed, bound_of, b_first=False):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(r, max_in), (max_out, r)]
+    drawn = {}
+    for shape in reversed(shapes) if b_first else shapes:
+        bound = bound_of(shape)
+        drawn[shape] = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return drawn[shapes[0]], drawn[shapes[1]]
+
+
+def projections_with_loras_gain(r, max_in, max_out, seed):
+    # nn.init.kaiming_uniform_(a=sqrt(5)), LoRA's A: gain sqrt(1/3), bound 1 / sqrt(fan_in)
+    return _uniform_pair(r, max_in, max_out, seed, lambda shape: 1 / math.sqrt(shape[1]))
+
+
+def projections_with_fan_in_from_the_rows(r, max_in, max_out, seed):
+    # the right gain, but fan_in read from the first dimension (the fan_out of this layout)
+    return _uniform_pair(r, max_in, max_out, seed, lambda shape: math.sqrt(6 / shape[0]))
+
+
+def projections_b_first(r, max_in, max_out, seed):
+    # the right distribution, but B takes the generator's first numbers: not PEFT's matrices
+    return _uniform_pair(r, max_in, max_out, seed, lambda shape: math.sqrt(6 / shape[1]),
+                         b_first=True)
+
 
 def vera_forward_with_dropout_on_the_frozen_path(x, weight, bias, A, B, lambda_d, lambda_b,
                                                  dropout=None):
@@ -170,13 +206,20 @@ def vera_grads_without_the_frozen_path(x, weight, A, B, lambda_d, lambda_b, grad
 
 
 VERA_EXERCISES = [
+    Exercise("vera.vera_projections", "VeRA (arXiv 2310.11454) sec. 3, 'Initialization "
+             "strategies'; PEFT's vera `_kaiming_init`; docs/vera.md",
+             {"LoRA's Kaiming gain (a = sqrt(5))": projections_with_loras_gain,
+              "fan_in from the first dimension": projections_with_fan_in_from_the_rows,
+              "B drawn before A": projections_b_first},
+             breaks=("vera.vera_forward",)),  # its tests build VeRA layers, which draw the pair
     Exercise("vera.vera_forward", "VeRA (arXiv 2310.11454) sec. 3, eq. 2",
              {"dropout on the frozen path too": vera_forward_with_dropout_on_the_frozen_path,
               "Λ_d left out": vera_forward_without_lambda_d}),
     Exercise("vera.vera_grads", "VeRA (arXiv 2310.11454) sec. 3, eq. 2 and the chain rule",
              {"λ_d and λ_b swapped in the vectors' gradients":
                   vera_grads_swapping_the_vectors_inside,
-              "dx without the frozen path": vera_grads_without_the_frozen_path}),
+              "dx without the frozen path": vera_grads_without_the_frozen_path},
+             answers=("G W0", "(G ⊙ λ_b) B", "(P ⊙ λ_d) B", "Σ_N G ⊙", "Σ_N P ⊙")),
 ]
 
 ADAPTER_EXERCISES = LORA_EXERCISES + DORA_EXERCISES + VERA_EXERCISES

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import adapters
 import dora
 import lora
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
 
@@ -179,7 +179,7 @@ class FakeQuantLinear(nn.Module):
 def test_fresh_adapter_equals_base(case):
     layer, x, _ = make_layer(case, trained=False)
     W0 = layer.base.weight.detach().to(torch.float64)
-    # magnitude = the norm of each output row of W0 (the paper's column norm of its (in, out) W)
+    # magnitude = the norm of each output row of W0 (PEFT's reading of the paper's column norm)
     assert_close_normwise(layer.magnitude.detach(), W0.norm(dim=1), TOL[layer.magnitude.dtype])
     x.requires_grad_(True)
     y = layer(x)
@@ -284,15 +284,38 @@ def test_dora_weight_is_magnitude_times_the_unit_rows_of_V(case, detach_norm):
                     atol=TOL[torch.float64] * k * float(size.max()))
 
 
+@pytest.mark.exercise("dora.dora_weight")
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_weight_of_a_zero_row_of_V_is_zero_not_nan(detach_norm):
+    """A row of V = W0 + s B A that is all zeros has no direction: ||V|| = 0 and m / ||V|| would be
+    0 / 0. The norm is floored at DORA_NORM_EPS (module docstring, "Zero rows"), so that row of W'
+    is m · 0 / eps = 0, the other rows are untouched, and every gradient is finite."""
+    gen = torch.Generator().manual_seed(3)
+    W0 = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    W0[1] = 0  # with B = 0, row 1 of V is zero
+    A = torch.randn(2, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    B = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    m = (torch.linalg.vector_norm(W0, dim=1) + 0.5).requires_grad_(True)  # m_1 = 0.5, not 0
+    W = dora.dora_weight(W0, A, B, m, 2.0, detach_norm)
+    assert not W.isnan().any(), (
+        f"W' has NaN in rows {sorted(set(W.isnan().nonzero()[:, 0].tolist()))}: a zero row of V "
+        "gives m / ||V|| = 0 / 0 unless the norm is floored at DORA_NORM_EPS")
+    assert_same(W[1], torch.zeros(5, dtype=torch.float64), "the zero row of W'")
+    expected = (m / torch.linalg.vector_norm(W0, dim=1)).unsqueeze(1) * W0  # the other rows
+    assert_same(W[[0, 2, 3]], expected[[0, 2, 3]], "the other rows of W'", exact=False)
+    grads = torch.autograd.grad(W.sum(), [A, B, m])
+    for name, grad in zip(("∇A", "∇B", "∇m"), grads):
+        assert grad.isfinite().all(), f"{name} is not finite: {grad}"
+
+
 @pytest.mark.exercise("dora.dora_grads")
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans(),
        st.booleans())
 def test_dora_grads_by_hand_equal_autograd(out_features, in_features, seed, detach_norm,
                                            zero_row):
-    """∇_m L = c / n and ∇_V L = g ⊙ (G − (c/n²) ⊙ V) (eq. 7 and 6; with `detach_norm`, g ⊙ G:
-    section 4.3), c = Σ_in G ⊙ V, g = m / n, per output row; a zero row of V included. Against
-    autograd through W' = m ⊙ V / ||V|| in float64: only the order of the sums differs, so within
-    1e-12 of each result's terms' size."""
+    """dora.dora_grads' ∇_m L (eq. 7) and ∇_V L (eq. 6; with `detach_norm`, section 4.3's form),
+    per output row, a zero row of V included, against autograd through W' = m ⊙ V / ||V|| in
+    float64: only the order of the sums differs, so within 1e-12 of each result's terms' size."""
     V, m, G = random_direction(out_features, in_features, seed, zero_row)
     leaves = [V.clone().requires_grad_(True), m.clone().requires_grad_(True)]
     expected_V, expected_m = torch.autograd.grad(weight_from_direction(*leaves, detach_norm),
@@ -328,8 +351,8 @@ def test_dora_grads_pass_gradcheck(shape):
     """torch.autograd.gradcheck: eq. 6 and 7 (dora_grads, norm in the graph) against central
     finite differences of W' = m ⊙ V / ||V|| in float64, at gradcheck's own tolerances."""
     V, m, _ = random_direction(*shape, seed=sum(shape))
-    assert torch.autograd.gradcheck(HandDoRAWeight.apply,
-                                     (V.requires_grad_(True), m.requires_grad_(True)))
+    assert_gradcheck(HandDoRAWeight.apply, (V.requires_grad_(True), m.requires_grad_(True)),
+                     "dora.dora_grads")
 
 
 @given(cases(dtypes=(torch.float64,)), st.booleans())

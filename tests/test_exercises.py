@@ -1,127 +1,71 @@
-"""Every exercise of docs/exercises.md is honest: its tests pass on the real code, and fail when the
-function is blanked or replaced by one of its known wrong answers.
+"""Every exercise of docs/exercises.md is honest, checked on copies of the project in plain source.
 
-All of it happens in one nested pytest session in this process: it collects the test files that
-mark tests for exercises once, then, instead of pytest's own loop, runs each exercise's tests under
-the `exercise` Hypothesis settings (few examples, no shrinking) once on the real code and once per
-variant (blanked, each wrong answer) with the function substituted, stopping a variant at its first
-failing test. The tests below read the outcomes, so a red one names the exercise and the variant.
+tests/exercises.py writes two copies (see its docstring) and runs one pytest session in each, in
+subprocesses side by side:
+- the handout a student gets (`python tests/exercises.py handout DIR`): each exercise's tests
+  fail there;
+- the rehearsal copy: each exercise's tests pass on the real code, and fail with the function
+  blank, with each of its known wrong answers, and, while it is blank, for each exercise it says
+  it breaks.
+The tests below read the two JSON reports, so a red one names the exercise and the variant. The
+handout's text is checked too: one `raise` a body, the docstring kept, and no answer of a gradient
+exercise in its docstrings or in the docs' visible text.
 """
-import contextlib
+import ast
 import functools
+import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 
 import pytest
-from _pytest.runner import runtestprotocol
-from hypothesis import settings
 
 import exercises
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# The nested session only needs to know whether a test failed: no tracebacks, no Hypothesis failure
-# patches (they import a parser), none of the unraisable-exception plugin's garbage collections.
-QUIET = ["-q", "--tb=no", "--no-header", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
-         "-p", "no:unraisableexception", "-p", "no:warnings"]
-REAL = "real code"
-BLANKED = "blanked"
-
-
-def files_with_markers() -> list[str]:
-    """The test files that mark a test for an exercise (a quick look at their text)."""
-    names = sorted(n for n in os.listdir(TESTS) if n.startswith("test_") and n.endswith(".py"))
-    paths = [os.path.join(TESTS, name) for name in names]
-    return [path for path in paths if "mark.exercise" in open(path, encoding="utf-8").read()]
-
-
-def failures(items, stop_at_first: bool) -> list[str]:
-    """Run the test items (setup, call, teardown) and return the node ids of those that failed."""
-    failed = []
-    for item in items:
-        reports = runtestprotocol(item, log=False, nextitem=None)
-        if any(report.failed for report in reports):
-            failed.append(item.nodeid)
-            if stop_at_first:
-                break
-    return failed
-
-
-@contextlib.contextmanager
-def exercise_settings(items):
-    """Hypothesis binds a test's settings when its module is imported (here by the outer session,
-    under its own profile): for the honesty run, each test takes the exercise profile's settings
-    (few examples, no shrinking), and fewer examples still if its own settings ask for fewer."""
-    profile, saved = settings.get_profile("exercise"), {}
-    for item in items:
-        test = getattr(item.obj, "__func__", item.obj)
-        if getattr(test, "is_hypothesis_test", False) and test not in saved:
-            saved[test] = bound = test._hypothesis_internal_use_settings
-            test._hypothesis_internal_use_settings = settings(
-                profile, max_examples=min(profile.max_examples, bound.max_examples))
-    try:
-        yield
-    finally:
-        for test, bound in saved.items():
-            test._hypothesis_internal_use_settings = bound
-
-
-class HonestyRun:
-    """A plugin for the nested session: the exercises' tests, on the real code and each variant.
-
-    outcomes[(exercise, variant)] = the failed node ids; marked[exercise] = its tests' node ids.
-    """
-    def __init__(self):
-        self.outcomes, self.marked, self.items = {}, {}, {}
-
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
-            for mark in item.iter_markers("exercise"):
-                for name in mark.args:
-                    self.items.setdefault(name, []).append(item)
-        self.marked = {name: [item.nodeid for item in found] for name, found in self.items.items()}
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self, session):
-        with exercise_settings([item for found in self.items.values() for item in found]):
-            for exercise in exercises.EXERCISES:
-                self.check(exercise)
-        return True  # pytest's own loop does not run
-
-    def check(self, exercise):
-        items = self.items.get(exercise.name, [])
-        self.outcomes[exercise.name, REAL] = failures(items, stop_at_first=False)
-        variants = {BLANKED: exercises.blanked(exercise.name)}
-        variants.update({label: exercises.substituted(exercise.name, wrong)
-                         for label, wrong in exercise.wrong_answers.items()})
-        for label, substitution in variants.items():
-            with substitution:
-                self.outcomes[exercise.name, label] = failures(items, stop_at_first=True)
-                if label == BLANKED:  # the exercises it says it breaks: do they?
-                    for other in exercise.breaks:
-                        self.outcomes[other, f"while {exercise.name} is blanked"] = failures(
-                            self.items.get(other, []), stop_at_first=True)
-
-
-@functools.cache
-def honesty_run() -> HonestyRun:
-    run = HonestyRun()
-    code = pytest.main(files_with_markers() + QUIET, plugins=[run])
-    assert code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), f"nested session: {code}"
-    return run
-
-
 NAMES = [e.name for e in exercises.EXERCISES]
 WRONG = [(e.name, label) for e in exercises.EXERCISES for label in e.wrong_answers]
 BREAKS = [(e.name, other) for e in exercises.EXERCISES for other in e.breaks]
+# Both sessions run the exercises' tests under the `exercise` Hypothesis profile (tests/conftest.py)
+# on 2 cores side by side; far less than this, but the machine may be shared.
+TIMEOUT_S = 600
+
+
+@functools.cache
+def copies() -> dict:
+    """{"handout": (its directory, its report), "rehearsal": (...)}, each session run once."""
+    work = tempfile.mkdtemp(prefix="exercises-")
+    running = {}
+    for mode, make in (("handout", exercises.handout), ("rehearsal", exercises.rehearsal)):
+        copy = make(os.path.join(work, mode))
+        report = os.path.join(work, f"{mode}.json")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(copy, "tests"), copy]),
+                   PYTHONDONTWRITEBYTECODE="1")
+        running[mode] = (copy, report, subprocess.Popen(
+            [sys.executable, os.path.join("tests", "exercises.py"), "check", mode, report],
+            cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = {}
+    for mode, (copy, report, process) in running.items():
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, f"the {mode} session failed:\n{output[-3000:]}"
+        with open(report, encoding="utf-8") as file:
+            results[mode] = (copy, json.load(file))
+    return results
+
+
+def outcome(mode: str, name: str, variant: str) -> list:
+    return copies()[mode][1]["outcomes"][f"{name} | {variant}"]
 
 
 def test_every_exercise_has_tests_and_every_marker_an_exercise():
-    marked = honesty_run().marked
+    marked = copies()["rehearsal"][1]["marked"]
     assert len(NAMES) == len(set(NAMES)), "an exercise is listed twice"
     assert set(marked) == set(NAMES), (
         f"marked but not listed: {sorted(set(marked) - set(NAMES))}; "
         f"listed but no test marked: {sorted(set(NAMES) - set(marked))}")
-    assert all(other in NAMES and other != name for name, other in BREAKS), BREAKS
+    assert copies()["handout"][1]["marked"] == marked, "the handout collects other tests"
 
 
 def test_at_least_15_exercises_over_7_modules():
@@ -129,27 +73,88 @@ def test_at_least_15_exercises_over_7_modules():
     assert len(NAMES) >= 15 and len(modules) >= 7, (len(NAMES), sorted(modules))
 
 
+def test_an_exercise_breaks_only_later_ones():
+    """In a handout every exercise is blank at once: a student working in teaching order must
+    never meet tests that also need a later exercise."""
+    for name, other in BREAKS:
+        assert other in NAMES and NAMES.index(other) > NAMES.index(name), (name, other)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_its_tests_pass_on_the_real_code(name):
-    assert honesty_run().marked.get(name), f"no test is marked for {name}"
-    failed = honesty_run().outcomes[name, REAL]
+    failed = outcome("rehearsal", name, exercises.REAL)
     assert not failed, f"{name}: on the real code, in the exercise profile, these fail: {failed}"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_blanked_function_fails_its_exercise(name):
-    assert honesty_run().outcomes[name, BLANKED], f"{name} blanked, yet all its tests pass"
+def test_the_handout_fails_its_tests(name):
+    assert outcome("handout", name, exercises.BLANKED), f"{name}: all its tests pass in the handout"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blanked_in_the_rehearsal_fails_its_tests(name):
+    assert outcome("rehearsal", name, exercises.BLANKED), f"{name} blanked, yet its tests pass"
 
 
 @pytest.mark.parametrize("name,label", WRONG, ids=[f"{n}-{label}" for n, label in WRONG])
 def test_known_wrong_answer_is_rejected(name, label):
-    assert honesty_run().outcomes[name, label], f"{name}: the wrong answer '{label}' passes"
+    assert outcome("rehearsal", name, label), f"{name}: the wrong answer '{label}' passes"
 
 
 @pytest.mark.parametrize("name,other", BREAKS, ids=[f"{n}-breaks-{o}" for n, o in BREAKS])
 def test_what_a_blank_is_said_to_break_it_breaks(name, other):
-    assert honesty_run().outcomes[other, f"while {name} is blanked"], (
+    assert outcome("rehearsal", other, f"while {name} is blanked"), (
         f"{name}'s entry says blanking it breaks {other}, but {other}'s tests pass")
+
+
+def handout_function(exercise):
+    copy = copies()["handout"][0]
+    path, qualified = exercises.locate(exercise.name, copy)
+    with open(path, encoding="utf-8") as file:
+        return exercises.function_node(ast.parse(file.read()), qualified, exercise.name)
+
+
+@pytest.mark.parametrize("exercise", exercises.EXERCISES, ids=NAMES)
+def test_the_handout_keeps_the_docstring_and_one_raise(exercise):
+    path, qualified = exercises.locate(exercise.name)
+    with open(path, encoding="utf-8") as file:
+        real = exercises.function_node(ast.parse(file.read()), qualified, exercise.name)
+    blank = handout_function(exercise)
+    assert ast.get_docstring(blank) == ast.get_docstring(real)
+    assert ast.dump(blank.args) == ast.dump(real.args)
+    assert len(blank.body) == 2 and ast.unparse(blank.body[1]) == (
+        f"raise NotImplementedError('see docs/exercises.md#{exercise.anchor}')")
+
+
+def visible(markdown: str) -> str:
+    """A page's text without its collapsed hints (<details> ... </details>)."""
+    return re.sub(r"<details>.*?</details>", "", markdown, flags=re.S)
+
+
+def handout_texts(exercise) -> dict:
+    """{where: text} a student sees without opening a hint: the docs' visible text, and every
+    docstring of the exercise's module and of its test files, in the handout."""
+    copy = copies()["handout"][0]
+    texts = {}
+    for name in ["README.md"] + [f"docs/{n}" for n in os.listdir(os.path.join(copy, "docs"))]:
+        with open(os.path.join(copy, name), encoding="utf-8") as file:
+            texts[name] = visible(file.read())
+    module = exercises.locate(exercise.name, copy)[0]
+    for path in [module] + exercises.test_files(exercise.name, os.path.join(copy, "tests")):
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+        docstrings = [ast.get_docstring(node) or "" for node in ast.walk(tree) if isinstance(
+            node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        texts[os.path.relpath(path, copy)] = "\n".join(docstrings)
+    return texts
+
+
+@pytest.mark.parametrize("exercise", [e for e in exercises.EXERCISES if e.answers],
+                         ids=[e.name for e in exercises.EXERCISES if e.answers])
+def test_the_handout_does_not_give_the_answer_away(exercise):
+    for where, text in handout_texts(exercise).items():
+        found = [answer for answer in exercise.answers if answer in text]
+        assert not found, f"{where} shows {found}, part of {exercise.name}'s answer"
 
 
 def exercise_sections() -> dict:
@@ -159,12 +164,15 @@ def exercise_sections() -> dict:
     return {name: text.split("\n## ")[0] for name, text in zip(parts[1::2], parts[2::2])}
 
 
-def test_the_docs_page_has_every_exercise_in_order_with_its_command():
+def test_the_docs_page_has_every_exercise_in_order_with_its_anchor_and_command():
+    with open(os.path.join(os.path.dirname(TESTS), "docs", "exercises.md"), encoding="utf-8") as f:
+        page = f.read()
     assert list(exercise_sections()) == NAMES, "docs/exercises.md: sections in teaching order"
     for exercise in exercises.EXERCISES:
         text = exercise_sections()[exercise.name]
+        assert f'<a id="{exercise.anchor}"></a>\n### `{exercise.name}`' in page, exercise.name
         assert f"**Check:** `python -m pytest --exercise {exercise.name}`" in text, exercise.name
-        for field in ("**Read:**", "**Write:**", "**Hints:**"):
+        for field in ("**Read:**", "**Contract:**", "<summary>"):
             assert field in text, (exercise.name, field)
 
 
@@ -179,3 +187,12 @@ def test_the_docs_page_lists_its_wrong_answers_and_what_a_blank_breaks(exercise)
     said = set(re.findall(r"`([\w.]+)`", breaks.group(1)))
     assert said == set(exercise.breaks), (exercise.name, said, exercise.breaks)
     assert exercise.breaks or breaks.group(1).startswith("nothing else"), exercise.name
+
+
+def test_handout_refuses_an_existing_directory_in_one_line(tmp_path, capsys):
+    assert exercises.main(["handout", str(tmp_path)]) == 1
+    assert exercises.main(["handout", str(tmp_path / "new"), "lora.no_such_function"]) == 1
+    assert exercises.main(["handout"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and "exists already" in lines[0] and "not an exercise" in lines[1]
+    assert not (tmp_path / "new").exists()

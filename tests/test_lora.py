@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import adapters
 import lora
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from fast_paths import low_rank
 from tiny_gpt import GPT, GPTConfig
 
@@ -338,9 +338,8 @@ def random_lora(case: Case):
 @pytest.mark.exercise("lora.lora_grads")
 @given(cases(dtypes=(torch.float64,)))
 def test_lora_grads_by_hand_equal_autograd(case):
-    """dL/dx = G W0 + s (G B) A, dL/dA = s (G B)^T X, dL/dB = s G^T (X A^T) (lora.lora_grads)
-    against autograd through eq. 3, all in float64: only the order of the sums differs, so each
-    within TOL[float64] · scale (module docstring)."""
+    """lora.lora_grads' dL/dx, dL/dA and dL/dB against autograd through eq. 3, all in float64:
+    only the order of the sums differs, so each within TOL[float64] · scale (module docstring)."""
     x, W, b, A, B, G = random_lora(case)
     s = case.scaling()
     leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
@@ -379,8 +378,8 @@ def test_lora_grads_pass_gradcheck(in_features, out_features, r, lead):
     case = Case(in_features, out_features, r, 3.0, torch.float64, False, True, lead, 7)
     x, W, _, A, B, _ = random_lora(case)
     inputs = tuple(t.requires_grad_(True) for t in (x, A, B))
-    assert torch.autograd.gradcheck(
-        lambda x, A, B: HandLoRA.apply(x, A, B, W, case.scaling()), inputs)
+    assert_gradcheck(lambda x, A, B: HandLoRA.apply(x, A, B, W, case.scaling()), inputs,
+                     "lora.lora_grads")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import adapters
 import lora
 import vera
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from fast_paths import low_rank
 from formats import adapter_files
 from tiny_gpt import GPT, GPTConfig
@@ -30,7 +30,9 @@ from vera import VeRALinear, VeRAProjection
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 EXACT = dict(rtol=0, atol=0)
 
-seeds = st.integers(0, 2**32)
+# torch's CPU generator seeds its Mersenne Twister from the low 32 bits of the seed: seeds that
+# differ by a multiple of 2**32 draw the same matrices (vera.vera_projections says so).
+seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([torch.float32, torch.float64])
 
 
@@ -79,6 +81,33 @@ def randomize_vectors(model, seed):
 # --------------------------------------------------------------------------------------------------
 # The shared matrices.
 
+@pytest.mark.exercise("vera.vera_projections")
+@pytest.mark.parametrize("r, max_in, max_out, seed", [(16, 96, 128, 0), (64, 32, 24, 1)])
+def test_projections_are_kaiming_uniform_with_the_relu_gain(r, max_in, max_out, seed):
+    """VeRA section 3 draws A and B Kaiming-uniform; PEFT's gain is sqrt(2) (ReLU) with fan_in the
+    second dimension: U(-b, b), b = sqrt(3) · sqrt(2) / sqrt(fan_in), standard deviation
+    sqrt(2 / fan_in). Checked without PEFT, from both sides, on n >= 1536 draws per matrix:
+    - every |entry| <= b, and the largest >= 0.99 b (n uniform draws all stay under 0.99 b with
+      probability 0.99^n < 1e-6): another gain moves b, and one of the two bounds fails;
+    - the sample standard deviation within 5 % of sqrt(2 / fan_in) (its relative standard error
+      is sqrt(0.2 / n) < 1.2 % here, so 5 % is over 4 standard errors)."""
+    A, B = vera.vera_projections(r, max_in, max_out, seed)
+    for name, M, fan_in in (("A", A, max_in), ("B", B, r)):
+        bound, std = math.sqrt(6 / fan_in), math.sqrt(2 / fan_in)
+        largest = float(M.abs().max())
+        assert largest <= bound, (
+            f"{name}: an entry of size {largest:.4g} lies outside U(-b, b), b = sqrt(6 / fan_in) "
+            f"= {bound:.4g} for fan_in = {fan_in}: the gain is too large, or fan_in is wrong")
+        assert largest >= 0.99 * bound, (
+            f"{name}: the largest entry is {largest:.4g}, but {M.numel()} draws of U(-b, b) reach "
+            f"0.99 b, b = sqrt(6 / fan_in) = {bound:.4g} for fan_in = {fan_in}: the gain is too "
+            "small, or fan_in is wrong")
+        assert abs(float(M.std()) / std - 1) < 0.05, (
+            f"{name}: standard deviation {float(M.std()):.4g}, expected sqrt(2 / fan_in) = "
+            f"{std:.4g} (the ReLU gain sqrt(2), fan_in = {fan_in})")
+
+
+@pytest.mark.exercise("vera.vera_projections")
 @given(r=st.integers(1, 16), max_in=st.integers(1, 40), max_out=st.integers(1, 40), seed=seeds,
        other=seeds, extra_out=st.integers(1, 8))
 def test_projections_seeded_bounded_and_drawn_a_first(r, max_in, max_out, seed, other, extra_out):
@@ -223,10 +252,9 @@ def random_vera(shape, seed, lead=(3, 2)):
 @pytest.mark.exercise("vera.vera_grads")
 @given(shape=layer_shapes(), seed=seeds, lead=st.sampled_from([(), (4,), (3, 2)]))
 def test_vera_grads_by_hand_equal_autograd(shape, seed, lead):
-    """dL/dλ_d = Σ_N (A x) ⊙ (B^T (λ_b ⊙ G)), dL/dλ_b = Σ_N G ⊙ (B (λ_d ⊙ A x)),
-    dL/dx = G W0 + A^T (λ_d ⊙ B^T (λ_b ⊙ G)) (vera.vera_grads) against autograd through eq. 2,
-    float64. Only the order of the sums differs: within 1e-12 of the size of each result's terms
-    (the same expression on absolute values), as the float64 bound in the module docstring."""
+    """vera.vera_grads' dL/dλ_d, dL/dλ_b and dL/dx against autograd through eq. 2, float64.
+    Only the order of the sums differs: within 1e-12 of the size of each result's terms (the same
+    expression on absolute values), as the float64 bound in the module docstring."""
     x, W, b, A, B, d, lam_b, G = random_vera(shape, seed, lead)
     leaves = [t.clone().requires_grad_(True) for t in (d, lam_b, x)]
     y = vera_rows(leaves[2], W, b, A, B, leaves[0], leaves[1])
@@ -262,8 +290,8 @@ def test_vera_grads_pass_gradcheck(shape):
     float64, at gradcheck's own tolerances."""
     x, W, _, A, B, d, lam_b, _ = random_vera(shape, sum(shape))
     inputs = tuple(t.requires_grad_(True) for t in (x, d, lam_b))
-    assert torch.autograd.gradcheck(lambda x, d, lam_b: HandVeRA.apply(x, d, lam_b, W, A, B),
-                                    inputs)
+    assert_gradcheck(lambda x, d, lam_b: HandVeRA.apply(x, d, lam_b, W, A, B), inputs,
+                     "vera.vera_grads")
 
 
 def test_only_the_vectors_get_gradients_in_the_gpt():
@@ -278,6 +306,15 @@ def test_only_the_vectors_get_gradients_in_the_gpt():
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
+
+
+@given(shape=layer_shapes(), seed=seeds)
+def test_vera_delta_is_the_equations_update(shape, seed):
+    """vera.vera_delta on plain tensors: ΔW = Λ_b B Λ_d A (eq. 2's update), (out, in), against the
+    product with explicit diagonal matrices in float64 (the module docstring's float64 bound)."""
+    _, _, _, A, B, d, lam_b, _ = random_vera(shape, seed)
+    expected = torch.diag(lam_b) @ B @ torch.diag(d) @ A
+    assert_same(vera.vera_delta(A, B, d, lam_b), expected, "ΔW", exact=False, **TOL[torch.float64])
 
 
 @given(shape=layer_shapes(), seed=seeds, dtype=dtypes)
