@@ -16,11 +16,11 @@ import sys
 import torch
 
 from checks import Parser, check_int, checked, writable_folder
-from papers import dora_experiments, lora_experiments, runner, vera_experiments
+from papers import dora_experiments, lora_experiments, qlora_experiments, runner, vera_experiments
 from papers.measures import magnitude_direction_change, subspace_similarity
 
 EXPERIMENTS = runner.collect(lora_experiments.EXPERIMENTS, dora_experiments.EXPERIMENTS,
-                             vera_experiments.EXPERIMENTS)
+                             vera_experiments.EXPERIMENTS, qlora_experiments.EXPERIMENTS)
 
 __all__ = ["EXPERIMENTS", "magnitude_direction_change", "subspace_similarity", "main"]
 

@@ -196,13 +196,15 @@ def check_finite(model, loss: torch.Tensor, label: str, step: int, lr: float) ->
 
 def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: int, peak_lr: float,
                warmup: int, checkpoint: str, identity: dict, resume: bool, device, label: str,
-               callback=None, world: distributed.World | None = None):
+               callback=None, world: distributed.World | None = None, batch_size_at=None):
     """AdamW steps on random batches, checkpointing atomically every `cfg.checkpoint_every` steps.
 
     A checkpoint holds the model, the optimizer, the step and every random state the run draws
     from (the batch generator; torch's global one, behind dropout), so a resumed run reaches the
     same weights bit for bit; to resume, its `identity` (method, options, configs) must match.
-    `callback(step)` runs after each step (tests crash there). Returns ms/step (median) or None.
+    `callback(step)` runs after each step (tests crash there); `batch_size_at(step)`, if given,
+    is the batch size of each step (default cfg.batch_size; the paged-spike experiment's spikes).
+    Returns ms/step (median) or None.
     Under torchrun (`world`), each rank trains on its share of every batch through DDP, draws its
     own dropout, and rank 0 alone writes the checkpoint, which holds every rank's random state.
     """
@@ -229,7 +231,8 @@ def train_loop(model, optimizer, data: torch.Tensor, cfg: TrainConfig, steps: in
         lr = lr_at(step, steps, peak_lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = distributed.shard(*get_batch(data, cfg.batch_size, cfg.block_size, generator), world)
+        batch_size = cfg.batch_size if batch_size_at is None else batch_size_at(step)
+        x, y = distributed.shard(*get_batch(data, batch_size, cfg.block_size, generator), world)
         _, loss = forward(x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

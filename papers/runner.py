@@ -142,14 +142,15 @@ class Context:
         return self._base
 
     def finetune(self, method: str, seed: int, label: str = "", callback=None,
-                 model_callback=None, **options) -> Run:
+                 model_callback=None, base=None, **options) -> Run:
         """Fine-tune a copy of the base with `method` (train.py's defaults, overridden by
         `options`: lr, rank, alpha, targets, d_initial...) for `size.steps` steps, the adapter and
         the batches drawn from `seed`. `model_callback(step, model)` runs after each step (and at
-        step 0, before training). Prints one progress line; returns a `Run`."""
+        step 0, before training). `base`: the model to copy instead of the pretrained base (e.g.
+        its weights quantized). Prints one progress line; returns a `Run`."""
         opts = dict(METHOD_DEFAULTS[method], dropout=0.0, **options)
         t0 = time.perf_counter()
-        model = prepare(method, copy.deepcopy(self.base()), opts, seed)
+        model = prepare(method, copy.deepcopy(self.base() if base is None else base), opts, seed)
         optimizer = make_optimizer(model, "adamw", opts["lr"], None)
         steps = self.size.steps
         cfg = replace(self.size.base, batch_size=self.size.batch_size, finetune_steps=steps,
