@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import nf4
-from checks import check_tensor
+from checks import check_blocksize, check_tensor
 
 FP4_MAX = 12.0  # the largest magnitude: values are normalised to [-1, 1] by it
 FP4_SIGN_BIT = 0b1000
@@ -77,7 +77,7 @@ class FourBitWeight:
 def _scaled(w: torch.Tensor, blocksize: int):
     """(s, c): s_i = w_i / c_b (n,) float32 and the absmax c; NaN or Inf is a ValueError."""
     check_tensor(w, "w", dtypes=nf4.SUPPORTED_DTYPES)
-    nf4.check_blocksize(blocksize)
+    check_blocksize(blocksize, nf4.ALLOWED_BLOCKSIZES)
     absmax = nf4.blockwise_absmax(w.detach(), blocksize)  # NaN or Inf reaches its block's absmax
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("w contains NaN or Inf")
