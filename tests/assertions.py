@@ -122,3 +122,19 @@ def assert_gradcheck(function, inputs, name: str = "the hand-written backward") 
         raise AssertionError(
             f"{name} disagrees with central finite differences of the forward: {first} (the "
             "direct comparison's message above shows the values)") from None
+
+
+def gradients_and_term_sizes(f, inputs, wrt, grad_out):
+    """The gradients of f(*inputs), weighted by grad_out, with respect to inputs[i] for i in `wrt`,
+    by autograd in float64, and the size of each gradient's terms: the largest entry of the same
+    gradients of f on the absolute values of the inputs and of grad_out (every product of the chain
+    rule then counts as its magnitude, so each entry is the sum of its terms' magnitudes). A sum of
+    k terms computed in another order differs by at most about k·eps times that size. `f` must be a
+    polynomial in its inputs with nonnegative coefficients."""
+    def grads(values, weights):
+        leaves = [t.detach().double().clone().requires_grad_(i in wrt)
+                  for i, t in enumerate(values)]
+        return torch.autograd.grad(f(*leaves), [leaves[i] for i in wrt], weights.detach().double())
+    exact = grads(inputs, grad_out)
+    sizes = grads([t.abs() for t in inputs], grad_out.abs())
+    return exact, [size.max().item() for size in sizes]

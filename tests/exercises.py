@@ -6,7 +6,9 @@ what to read, and the known wrong answers: implementations the exercise's tests 
     python tests/exercises.py handout DIR [NAME ...]
 
 writes a copy of the project to DIR in which each exercise's function (or the NAMEs given) keeps
-its signature and docstring (the contract: arguments, shapes, what it returns) and has the body
+its signature, has as its docstring the contract of its section of docs/exercises.md (arguments,
+shapes, what it returns; no formula: the project's own docstrings, the reference, keep theirs), and
+has the body
 
     raise NotImplementedError("see docs/exercises.md#NAME")
 
@@ -29,6 +31,7 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,6 +59,7 @@ class Exercise:
     breaks: tuple[str, ...] = ()  # later exercises whose tests also fail while this one is blank
     # Pieces of the answer (a gradient exercise's formulas) that the handout's docstrings and the
     # docs' visible text must not contain; the hints in docs/exercises.md hold them, collapsed.
+    # `answer_fragments` adds the ones it derives from the reference's docstring and body.
     answers: tuple[str, ...] = ()
 
     @property
@@ -114,21 +118,104 @@ def call_arguments(node: ast.FunctionDef) -> str:
 
 
 def rewrite_function(root: str, name: str, body: Callable[[ast.FunctionDef, str], str],
-                     keep_body: bool) -> None:
+                     keep_body: bool, docstring: str | None = None) -> None:
     """Replace what follows the docstring of `name` (in the copy at `root`) with body(node, indent);
-    with `keep_body`, insert it before the function's own statements instead."""
+    with `keep_body`, insert it before the function's own statements instead. With `docstring`,
+    replace the docstring too."""
     path, qualified = locate(name, root)
     with open(path, encoding="utf-8") as file:
         lines = file.read().splitlines(keepends=True)
     node = function_node(ast.parse("".join(lines)), qualified, name)
-    docstring, first = node.body[0], node.body[min(1, len(node.body) - 1)]
-    indent = " " * docstring.col_offset
-    end = docstring.end_lineno if keep_body else node.end_lineno  # 1-based, inclusive
-    lines[docstring.end_lineno:end] = [body(node, indent)]
-    if keep_body and first is docstring:
+    old_docstring, first = node.body[0], node.body[min(1, len(node.body) - 1)]
+    indent = " " * old_docstring.col_offset
+    end = old_docstring.end_lineno if keep_body else node.end_lineno  # 1-based, inclusive
+    if keep_body and first is old_docstring:
         raise LookupError(f"{name}: nothing after the docstring")
+    start = old_docstring.end_lineno if docstring is None else old_docstring.lineno - 1
+    new = body(node, indent) if docstring is None else docstring_text(docstring, indent) + body(
+        node, indent)
+    lines[start:end] = [new]
     with open(path, "w", encoding="utf-8") as file:
         file.write("".join(lines))
+
+
+def docstring_text(text: str, indent: str) -> str:
+    """`text` as a docstring's source lines at `indent`, wrapped to the project's 100 columns."""
+    if "\\" in text or '"""' in text:
+        raise ValueError(f"a contract holds a backslash or triple quotes: {text[:60]!r}")
+    lines = textwrap.wrap(" ".join(text.split()), width=96 - len(indent),
+                          break_long_words=False, break_on_hyphens=False)
+    return f'{indent}"""' + f"\n{indent}".join(lines) + f'\n{indent}"""\n'
+
+
+# --------------------------------------------------------------------------------------------------
+# The contract (docs/exercises.md) and the pieces of the answer it must not hold.
+
+def exercise_sections(root: str = ROOT) -> dict[str, str]:
+    """{exercise name: its section's text} from docs/exercises.md, in the page's order."""
+    with open(os.path.join(root, "docs", "exercises.md"), encoding="utf-8") as file:
+        parts = re.split(r"^### `([^`]+)`", file.read(), flags=re.M)
+    return {name: text.split("\n## ")[0] for name, text in zip(parts[1::2], parts[2::2])}
+
+
+def contract(exercise: Exercise, root: str = ROOT) -> str:
+    """The **Contract:** paragraph of the exercise's section: the handout's docstring."""
+    section = exercise_sections(root).get(exercise.name, "")
+    found = re.search(r"^\*\*Contract:\*\* (.*?)\n\n", section, flags=re.M | re.S)
+    if not found:
+        raise LookupError(f"{exercise.name}: no **Contract:** paragraph in docs/exercises.md")
+    return " ".join(found.group(1).split())
+
+
+# One spelling for the symbols the docstrings (ASCII) and the docs (Unicode) write differently.
+NOTATION = {"ᵀ": "^T", "‖": "||", "·": "*", "⊙": "*", "×": "*", "−": "-", "√": "sqrt", "α": "alpha",
+            "λ": "lambda", "Λ": "Lambda", "β": "beta", "ε": "eps", "θ": "theta", "δ": "delta",
+            "₁": "1", "₂": "2", "ᵗ": "^t", "²": "^2", "Δ": "Delta", "`": "", "**": "^"}
+OPERATOR = re.compile(r"^(\+|-|\*|/|<<|\||@)$")
+
+
+def notation(text: str) -> str:
+    for symbol, spelled in NOTATION.items():
+        text = text.replace(symbol, spelled)
+    return text
+
+
+def compact(text: str) -> str:
+    """`text` in NOTATION's spelling without any whitespace, for finding a formula in prose."""
+    return "".join(notation(text).split())
+
+
+def equation_fragments(docstring: str) -> set[str]:
+    """The pieces of each equation `LHS = RHS` in a docstring: the right side (up to a comma,
+    colon, semicolon, a parenthesised remark or a `with`/`for`/`over`/`from`), and each operation
+    `a op b` in it, compacted."""
+    found = set()
+    for line in notation(docstring).splitlines():
+        for rhs in re.findall(r"(?<![=<>!]) = (.+)", line):
+            rhs = re.split(r", |; |: | \((?=[A-Za-z]+[ .,)])| (?:with|for|over|from|below) ",
+                           rhs)[0].strip(" .")
+            tokens = rhs.split()
+            if len(tokens) > 1:
+                found.add(compact(rhs))
+            found.update(compact(" ".join(tokens[i - 1:i + 2])) for i in range(1, len(tokens) - 1)
+                         if OPERATOR.match(tokens[i]))
+    return {fragment for fragment in found if len(fragment) >= 3}
+
+
+def source_fragments(node: ast.FunctionDef) -> set[str]:
+    """The reference body's statements after the docstring, compacted: a contract holds no code."""
+    return {compact(ast.unparse(statement).splitlines()[0]) for statement in node.body[1:]} - {
+        "return", "pass"}
+
+
+def answer_fragments(exercise: Exercise, root: str = ROOT) -> set[str]:
+    """What the handout's docstring and the docs' visible contract must not contain: the listed
+    `answers`, the equations of the reference's docstring and the statements of its body."""
+    path, qualified = locate(exercise.name, root)
+    with open(path, encoding="utf-8") as file:
+        node = function_node(ast.parse(file.read()), qualified, exercise.name)
+    return ({compact(answer) for answer in exercise.answers}
+            | equation_fragments(ast.get_docstring(node)) | source_fragments(node))
 
 
 def blank_body(exercise: Exercise) -> Callable[[ast.FunctionDef, str], str]:
@@ -176,7 +263,8 @@ def handout(dest: str, names=None) -> str:
 
     def edit(copy):
         for exercise in chosen:
-            rewrite_function(copy, exercise.name, blank_body(exercise), keep_body=False)
+            rewrite_function(copy, exercise.name, blank_body(exercise), keep_body=False,
+                             docstring=contract(exercise))
     return copy_project(dest, edit)
 
 
@@ -407,7 +495,8 @@ def save_offsets_from_the_file_start(tensors, path, metadata=None):
 ATTENTION = [
     Exercise("tiny_gpt.CausalSelfAttention.forward",
              "Vaswani et al. 2017 (arXiv 1706.03762) sec. 3.2.1; docs/tiny_gpt.md",
-             {"no causal mask": attention_without_mask, "no 1/sqrt(hs)": attention_without_scale}),
+             {"no causal mask": attention_without_mask, "no 1/sqrt(hs)": attention_without_scale},
+             answers=("Q K^T", "/ sqrt(hs)", "softmax(Q")),
 ]
 QLORA = [
     Exercise("qlora.nf4_linear_input_grad", "QLoRA (arXiv 2305.14314) sec. 3, eq. 5 and 6",

@@ -61,6 +61,7 @@ LORA_EXERCISES = [
     Exercise("lora.lora_scaling", "LoRA (arXiv 2106.09685) sec. 4.1; rsLoRA (arXiv 2312.03732)",
              {"alpha/r under rsLoRA too": scaling_alpha_over_r_even_with_rslora,
               "alpha/sqrt(r) without rsLoRA": scaling_alpha_over_sqrt_r_always},
+             answers=("alpha / r", "alpha / sqrt(r)"),  # its docstring's formula has no `=`
              breaks=("lora.lora_delta",)),  # its tests build a LoRALinear, which takes s from it
     Exercise("lora.lora_forward", "LoRA (arXiv 2106.09685) sec. 4.1, eq. 3",
              {"dropout on the frozen path too": forward_with_dropout_on_the_frozen_path,
@@ -211,6 +212,7 @@ VERA_EXERCISES = [
              {"LoRA's Kaiming gain (a = sqrt(5))": projections_with_loras_gain,
               "fan_in from the first dimension": projections_with_fan_in_from_the_rows,
               "B drawn before A": projections_b_first},
+             answers=("gain / sqrt(fan_in)", "sqrt(3) · std", "sqrt(6 / fan_in)"),
              breaks=("vera.vera_forward",)),  # its tests build VeRA layers, which draw the pair
     Exercise("vera.vera_forward", "VeRA (arXiv 2310.11454) sec. 3, eq. 2",
              {"dropout on the frozen path too": vera_forward_with_dropout_on_the_frozen_path,

@@ -180,7 +180,8 @@ NF4_EXERCISES = [
     Exercise("nf4.nf4_code", f"{QLORA_PAPER} sec. 3, '4-bit NormalFloat'; docs/nf4.md",
              {"float64 throughout (other rounding)": nf4_code_in_float64,
               "16 quantiles, no exact zero": nf4_code_without_exact_zero,
-              "not normalised to [-1, 1]": nf4_code_not_normalised}),
+              "not normalised to [-1, 1]": nf4_code_not_normalised},
+             answers=("Φ⁻¹(p", "(½ − δ)", "j/8")),
     Exercise("nf4.nearest_code_index",
              f"{QLORA_PAPER} sec. 2, eq. 1 (rounding to the grid) with sec. 3's NF4; docs/nf4.md",
              {"argmin |s - q|": nearest_by_argmin,
@@ -199,6 +200,7 @@ NF4_EXERCISES = [
     Exercise("nf4.double_quantize", f"{QLORA_PAPER} sec. 3, 'Double Quantization'; docs/nf4.md",
              {"mean not subtracted": double_quantize_without_the_mean,
               "blocks of 64, not 256": double_quantize_in_blocks_of_64},
+             answers=("mean(c₂)", "c₂ − offset", "subtract the mean"),
              breaks=("qlora.nf4_linear_input_grad",)),
 ]
 
@@ -207,7 +209,8 @@ OPTIMIZER_EXERCISES = [
              "Loshchilov & Hutter (arXiv 1711.05101) Algorithm 2; torch.optim.AdamW's docs",
              {"textbook order (other rounding)": adamw_step_textbook_order,
               "no bias correction": adamw_step_without_bias_correction,
-              "Adam + L2 (coupled decay)": adam_with_l2_weight_decay}),
+              "Adam + L2 (coupled decay)": adam_with_l2_weight_decay},
+             answers=("1 − β₁ᵗ", "(1 − β₁) g", "√v̂ + ε", "θ − lr·λ·θ")),
     Exercise("paged_optim.PageTable.over_budget",
              f"{QLORA_PAPER} sec. 3, 'Paged Optimizers'; docs/paged_optim.md",
              {"pages out the most recently used": over_budget_most_recently_used,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import adapters
 import lora
-from assertions import assert_gradcheck, assert_same
+from assertions import assert_gradcheck, assert_same, gradients_and_term_sizes
 from fast_paths import low_rank
 from tiny_gpt import GPT, GPTConfig
 
@@ -296,9 +296,10 @@ def test_merge_unmerge_restores_weight_and_both_are_idempotent(case):
 
 
 @given(cases())
-def test_gradients_are_analytic_and_only_adapters_get_them(case):
-    """dL/dB = s·g (A x)^T, dL/dA = s·B^T g x^T (summed over tokens), dL/dx = g W + s·g B A; the
-    base layer's weight and bias receive no gradient."""
+def test_gradients_are_eq3s_and_only_adapters_get_them(case):
+    """The layer's gradients of B, A and x equal float64 autograd through eq. 3 written out
+    (forward_formula), each within its dtype's TOL times the size of its terms
+    (gradients_and_term_sizes); the base layer's weight and bias receive no gradient."""
     layer, x = case.build()
     x.requires_grad_(True)
     out = layer(x)
@@ -306,16 +307,15 @@ def test_gradients_are_analytic_and_only_adapters_get_them(case):
                     dtype=torch.float64).to(out.dtype)
     out.backward(g)  # dL/dout = g
     s = case.scaling()
-    W, _, A, B = case.weights(layer)
-    X, G = x.reshape(-1, case.in_features), g.reshape(-1, case.out_features)  # (N, in), (N, out)
+    W, b, A, B = case.weights(layer)
+    assert s > 0  # alpha > 0 in cases(): the formula has nonnegative coefficients
+    (dx, dA, dB), (size_x, size_A, size_B) = gradients_and_term_sizes(
+        forward_formula(s), (x, W, b, A, B), (0, 3, 4), g)
     tol_adapter = TOL[adapter_dtype(case.dtype)]  # g and x reach the adapter exactly (casts up)
-    exact, scale = reference(lambda G, X, A: s * G.T @ (X @ A.T), G, X, A)  # (out, r)
-    assert_near(layer.lora_B.grad, exact, scale, tol_adapter)
-    exact, scale = reference(lambda G, X, B: s * B.T @ G.T @ X, G, X, B)  # (r, in)
-    assert_near(layer.lora_A.grad, exact, scale, tol_adapter)
-    # dx: base part rounded, adapter part rounded, their sum rounded: 3u·scale <= TOL for 16 bits
-    exact, scale = reference(lambda g, W, A, B: g @ W + s * g @ B @ A, g, W, A, B)
-    assert_near(x.grad, exact, scale, TOL[case.dtype])
+    assert_near(layer.lora_B.grad, dB, size_B, tol_adapter)
+    assert_near(layer.lora_A.grad, dA, size_A, tol_adapter)
+    # dx: base part rounded, adapter part rounded, their sum rounded: 3u·size <= TOL for 16 bits
+    assert_near(x.grad, dx, size_x, TOL[case.dtype])
     assert layer.base.weight.grad is None
     assert layer.base.bias is None or layer.base.bias.grad is None
     assert not layer.base.weight.requires_grad
@@ -339,17 +339,16 @@ def random_lora(case: Case):
 @given(cases(dtypes=(torch.float64,)))
 def test_lora_grads_by_hand_equal_autograd(case):
     """lora.lora_grads' dL/dx, dL/dA and dL/dB against autograd through eq. 3, all in float64:
-    only the order of the sums differs, so each within TOL[float64] · scale (module docstring)."""
+    only the order of the sums differs, so each within TOL[float64] times the size of its terms
+    (autograd on the absolute values, gradients_and_term_sizes; module docstring)."""
     x, W, b, A, B, G = random_lora(case)
     s = case.scaling()
     leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
     y = forward_formula(s)(leaves[0], W, b, leaves[1], leaves[2])
     expected = torch.autograd.grad(y, leaves, G)
     got = lora.lora_grads(x, W, A, B, s, G)
-    X, G2 = x.reshape(-1, case.in_features), G.reshape(-1, case.out_features)  # (N, in), (N, out)
-    scales = [reference(lambda G, W, A, B: G @ W + s * G @ B @ A, G, W, A, B)[1],
-              reference(lambda G, X, B: s * (G @ B).T @ X, G2, X, B)[1],
-              reference(lambda G, X, A: s * G.T @ (X @ A.T), G2, X, A)[1]]
+    # each result's terms' size: autograd on absolute values (s > 0 in cases())
+    scales = gradients_and_term_sizes(forward_formula(s), (x, W, b, A, B), (0, 3, 4), G)[1]
     for name, actual, wanted, scale in zip(("dL/dx", "dL/dA", "dL/dB"), got, expected, scales):
         assert_same(actual, wanted, name, exact=False, rtol=0.0, atol=TOL[torch.float64] * scale)
 
@@ -711,14 +710,14 @@ def test_matches_peft_forward_gradients_and_merge(peft, case, p, dropout_seed):
     W, b, A, B = case.weights(layer)
     _, scale = reference(forward_formula(case.scaling()), x, W, b, A, B)
     assert_near(out, out_p.double(), scale, 2 * TOL[torch.float32])
-    X, G = x.reshape(-1, case.in_features), g.reshape(-1, case.out_features)
     s = case.scaling()
-    _, scale = reference(lambda G, X, A: s * G.T @ (X @ A.T), G, X / (1 - p), A)
-    assert_near(layer.lora_B.grad, B_p.grad.double(), scale, 2 * TOL[torch.float32])
-    _, scale = reference(lambda G, X, B: s * B.T @ G.T @ X, G, X / (1 - p), B)
-    assert_near(layer.lora_A.grad, A_p.grad.double(), scale, 2 * TOL[torch.float32])
-    _, scale = reference(lambda g, W, A, B: g @ W + s * g @ B @ A / (1 - p), g, W, A, B)
-    assert_near(x_ours.grad, x_theirs.grad.double(), scale, 2 * TOL[torch.float32])
+    # the terms' sizes with every input to the update at its largest, x / (1 - p) (a kept element)
+    _, (size_x, size_A, size_B) = gradients_and_term_sizes(
+        lambda x, W, b, A, B: x @ W.T + b + s * (x / (1 - p) @ A.T) @ B.T, (x, W, b, A, B),
+        (0, 3, 4), g)
+    assert_near(layer.lora_B.grad, B_p.grad.double(), size_B, 2 * TOL[torch.float32])
+    assert_near(layer.lora_A.grad, A_p.grad.double(), size_A, 2 * TOL[torch.float32])
+    assert_near(x_ours.grad, x_theirs.grad.double(), size_x, 2 * TOL[torch.float32])
     # merge: the same float32 operations in the same order (B @ A, times s, added to W): bit-equal
     assert_same(layer.delta_weight(), proj.get_delta_weight("default"), "ΔW against PEFT's")
     layer.merge()
