@@ -34,11 +34,12 @@ import adapters
 import nf4
 import train
 import vera
-from checks import Parser, check_choice, check_int, checked
+from checks import check_choice, check_int
 from fast_paths.nf4_lookup import dequantize_nf4_chunked, quantize_nf4_chunked
 from formats import safetensors_io
 from paged_optim import PagedAdamW
 from training import memory
+from training.flags import Parser, checked
 
 GROUPS = ("nf4", "train", "infer", "paged", "memory", "sweep")
 METHODS = ("full", "lora", "qlora", "vera", "dora")

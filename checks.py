@@ -3,21 +3,12 @@
 Each checker raises a ValueError or TypeError whose message names the argument, says what it
 accepts and shows what it got, and returns the value so a constructor can write
 `self.r = check_int(r, "r", low=1)`. Checks run where a value enters the library (constructors,
-public functions, a layer's input), not on every use of it. The last section turns them into the
-argparse types of train.py, bench.py and sample.py: a bad flag is one line naming it, status 2.
+public functions, a layer's input), not on every use of it. The entry points' flags are built on
+them in training/flags.py; a file format's own fields are checked in formats/.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import re
-
-try:
-    # Python 3.11+; before, the same parser was the module sre_parse
-    from re import _parser as sre_parse
-except ImportError:
-    import sre_parse
 
 import torch
 
@@ -131,6 +122,31 @@ def check_stored(tensors: dict, expected: dict, context, finite: bool = True) ->
             check_tensor(tensor, name, finite=True)
 
 
+def check_quantized_state(state_dict, prefix: str, own: dict, nf4_format: torch.Tensor) -> None:
+    """A state dict for qlora.NF4Linear at `prefix`: its nf4_format (out, in, blocksize,
+    nested_blocksize) is this layer's, each storage tensor has this layer's shape and dtype, and
+    none holds NaN or Inf or a negative scale (a negative absmax flips its block's sign; a NaN in
+    the scales, the offset or the bias poisons every output). Missing keys are the loader's to
+    report."""
+    key = prefix + "nf4_format"
+    if key in state_dict and state_dict[key].tolist() != nf4_format.tolist():
+        raise ValueError(f"state dict for NF4Linear {prefix!r} has nf4_format [out, in, "
+                         f"blocksize, nested_blocksize] = {state_dict[key].tolist()}, this "
+                         f"layer is {nf4_format.tolist()}")
+    for name, tensor in own.items():
+        key = prefix + name
+        if key not in state_dict:
+            continue
+        new = check_tensor(state_dict[key], f"state dict entry {key!r}", finite=True)
+        if name in ("absmax", "nested_absmax") and bool((new.float() < 0).any()):
+            raise ValueError(f"state dict entry {key!r} has negative values: it holds "
+                             "largest magnitudes (a negative one flips its block's sign)")
+        if name != "bias" and (new.shape, new.dtype) != (tensor.shape, tensor.dtype):
+            raise ValueError(f"state dict entry {key!r} is {new.dtype} {tuple(new.shape)}, "
+                             f"NF4Linear expects {tensor.dtype} {tuple(tensor.shape)} (another "
+                             "shape, blocksize or double_quant)")
+
+
 def check_features(x, in_features: int, name: str = "x") -> torch.Tensor:
     """A floating-point tensor of shape (..., in_features): what a linear layer takes."""
     shape = f"of shape (..., in_features={in_features})"
@@ -152,111 +168,6 @@ def check_rank(r, in_features: int, out_features: int, layer: str) -> int:
                          f"({in_features} in, {out_features} out); ΔW has rank at most "
                          f"min(in, out) = {min(in_features, out_features)}")
     return r
-
-# --------------------------------------------------------------------------- command-line flags
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line ("train.py: argument --rank: must be ..."), status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
-def checked(check, convert=int, **bounds):
-    """An argparse `type`: convert the text, then check the value with a checker of checks.py."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = text  # not a number at all: the checker says what the flag accepts
-        try:
-            return check(value, "value", **bounds)
-        except (ValueError, TypeError) as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix("value ")) from None
-    return parse
-
-
-def folder(text: str) -> str:
-    if not text or os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}"
-                                         + (", which is a file" if text else ""))
-    return text
-
-
-def writable_folder(text: str) -> str:
-    """A folder to write into: it exists, or its nearest existing ancestor is a writable folder."""
-    ancestor = os.path.abspath(folder(text))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
-        why = "not writable" if os.path.isdir(ancestor) else "a file"
-        raise argparse.ArgumentTypeError(f"cannot make or write {text!r}: {ancestor} is {why}")
-    return text
-
-
-def text_flag(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("must be at least one character")
-    return text
-
-
-# A target_modules regular expression is matched against every layer name of a model, and a
-# downloaded adapter's config is untrusted: Python's backtracking matcher takes time exponential in
-# the name's length on patterns such as (.|.)*x or (a+)+x. check_target_pattern refuses the shapes
-# that backtrack exponentially: a repeat (*, +, {m,n} with n > 1) around an alternation, around
-# another repeat, and back-references. What remains backtracks at most polynomially, with degree
-# the number of repeats, so that number is bounded too; docs/adapter_files.md has the measured cost.
-MAX_TARGET_PATTERN_CHARS = 1000
-MAX_TARGET_PATTERN_REPEATS = 3
-
-
-def check_target_pattern(pattern: str, name: str) -> str:
-    """`pattern` if it is a regular expression safe to match against untrusted names (above)."""
-    if len(pattern) > MAX_TARGET_PATTERN_CHARS:
-        raise ValueError(f"{name} is a regular expression of {len(pattern)} characters; at most "
-                         f"{MAX_TARGET_PATTERN_CHARS}")
-    try:
-        tree = sre_parse.parse(pattern)
-    except re.error as error:
-        raise ValueError(f"{name} is no regular expression ({error})") from None
-    repeats = _repeats(tree, sre_parse.MAXREPEAT, name, pattern)
-    if repeats > MAX_TARGET_PATTERN_REPEATS:
-        raise ValueError(f"{name} {pattern!r} has {repeats} repeats (*, +, {{m,n}}); at most "
-                         f"{MAX_TARGET_PATTERN_REPEATS}, which bound its matching time")
-    return pattern
-
-
-def _repeats(tree, maxrepeat, name: str, pattern: str, inside_repeat: bool = False) -> int:
-    """The repeats with an upper bound above 1 in a parsed pattern; a ValueError for a shape that
-    backtracks exponentially (a repeat inside a repeat, an alternation inside a repeat,
-    back-references)."""
-    def refuse(what: str):
-        raise ValueError(f"{name} {pattern!r} has {what}, which can make matching take time "
-                         f"exponential in the name's length; write it without (e.g. a list of "
-                         f"names, or .*\\.(q_proj|v_proj) with the alternation outside any repeat)")
-    count = 0
-    for op, value in tree:
-        op = str(op)
-        if op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-            low, high, body = value
-            repeats = high == maxrepeat or high > 1
-            if repeats and inside_repeat:
-                refuse("a repeat inside a repeat, such as (a+)*")
-            count += repeats + _repeats(body, maxrepeat, name, pattern, inside_repeat or repeats)
-        elif op == "BRANCH":
-            if inside_repeat:
-                refuse("an alternation inside a repeat, such as (a|b.)*")
-            count += sum(_repeats(branch, maxrepeat, name, pattern) for branch in value[1])
-        elif op in ("GROUPREF", "GROUPREF_EXISTS"):
-            refuse("a back-reference")
-        elif op == "SUBPATTERN":
-            count += _repeats(value[-1], maxrepeat, name, pattern, inside_repeat)
-        elif op in ("ASSERT", "ASSERT_NOT"):
-            count += _repeats(value[1], maxrepeat, name, pattern, inside_repeat)
-        elif op == "ATOMIC_GROUP":
-            count += _repeats(value, maxrepeat, name, pattern, inside_repeat)
-    return count
 
 
 # The door for tensors a caller brings to dora.py's math (the oracle kit, a reader's experiment).

@@ -15,9 +15,10 @@ import sys
 
 import torch
 
-from checks import Parser, check_int, checked, writable_folder
+from checks import check_int
 from papers import dora_experiments, lora_experiments, qlora_experiments, runner, vera_experiments
 from papers.measures import magnitude_direction_change, subspace_similarity
+from training.flags import Parser, checked, writable_folder
 
 EXPERIMENTS = runner.collect(lora_experiments.EXPERIMENTS, dora_experiments.EXPERIMENTS,
                              vera_experiments.EXPERIMENTS, qlora_experiments.EXPERIMENTS)

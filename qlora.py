@@ -29,7 +29,14 @@ import torch.nn.functional as F
 import adapters
 import lora
 import nf4
-from checks import check_blocksize, check_bool, check_features, check_int, check_tensor
+from checks import (
+    check_blocksize,
+    check_bool,
+    check_features,
+    check_int,
+    check_quantized_state,
+    check_tensor,
+)
 from fast_paths.nf4_lookup import dequantize_nf4_chunked
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
@@ -221,26 +228,9 @@ class NF4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Check everything before anything is copied: nn.Module's loader would cast a float32
-        # absmax into uint8 codes silently, and (out, in) = (32, 128) into (64, 64) without a word;
-        # a NaN or Inf in the float32 scales, the offset or the bias poisons every output.
-        key = prefix + "nf4_format"
-        if key in state_dict and state_dict[key].tolist() != self.nf4_format.tolist():
-            raise ValueError(f"state dict for NF4Linear {prefix!r} has nf4_format [out, in, "
-                             f"blocksize, nested_blocksize] = {state_dict[key].tolist()}, this "
-                             f"layer is {self.nf4_format.tolist()}")
-        for name in self._storage_names + ("bias",):
-            key = prefix + name
-            own = getattr(self, name)
-            if key not in state_dict:
-                continue  # nn.Module's loader reports missing keys
-            new = check_tensor(state_dict[key], f"state dict entry {key!r}", finite=True)
-            if name in ("absmax", "nested_absmax") and bool((new.float() < 0).any()):
-                raise ValueError(f"state dict entry {key!r} has negative values: it holds "
-                                 "largest magnitudes (a negative one flips its block's sign)")
-            if name != "bias" and (new.shape, new.dtype) != (own.shape, own.dtype):
-                raise ValueError(f"state dict entry {key!r} is {new.dtype} {tuple(new.shape)}, "
-                                 f"NF4Linear expects {own.dtype} {tuple(own.shape)} (another "
-                                 f"shape, blocksize or double_quant)")
+        # absmax into uint8 codes silently, and (out, in) = (32, 128) into (64, 64) without a word.
+        own = {name: getattr(self, name) for name in self._storage_names + ("bias",)}
+        check_quantized_state(state_dict, prefix, own, self.nf4_format)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

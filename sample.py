@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from checks import Parser, check_int, check_number, checked, folder, text_flag
+from checks import check_int, check_number
+from training.flags import Parser, checked, folder, text_flag
 from training.runs import MissingRun, decode, encode, load_model, make_command
 
 # Each character is one forward pass of the model on up to block_size tokens, one thread: 2.4 ms

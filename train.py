@@ -29,12 +29,13 @@ import lora
 import nf4
 import qlora
 import vera
-from checks import Parser, check_int, check_number, check_probability, checked, writable_folder
+from checks import check_int, check_number, check_probability
 from formats import safe_open, safetensors_io
 from paged_optim import PagedAdamW
 from sample import print_samples
 from tiny_gpt import GPT, GPTConfig
 from training import distributed, locks, memory
+from training.flags import Parser, checked, writable_folder
 from training.runs import (
     Corpus,
     CorruptFile,

@@ -33,8 +33,9 @@ import dora
 import lora
 import vera
 from adapters import ALL_LINEAR, AdapterLinear, adapter_layers, is_linear_like, replace_submodule
-from checks import check_bool, check_int, check_number, check_probability, check_target_pattern
+from checks import check_bool, check_int, check_number, check_probability
 from formats import safe_open, safetensors_io
+from formats.target_patterns import check_target_pattern
 
 CONFIG_FILE = "adapter_config.json"
 TENSOR_FILE = "adapter_model.safetensors"

@@ -1,14 +1,13 @@
-"""checks.check_target_pattern: a target_modules regular expression of a downloaded adapter is
-matched in bounded time: the shapes that backtrack exponentially are refused in one line, before
-any name is matched; ordinary PEFT patterns still select the layers they name."""
+"""formats.target_patterns.check_target_pattern: a downloaded adapter's target_modules regular
+expression is matched in bounded time: the shapes that backtrack exponentially are refused in one
+line, before any name is matched; ordinary PEFT patterns still select the layers they name."""
 import json
 import time
 
 import pytest
 
-import checks
 import lora
-from formats import adapter_files, safetensors_io
+from formats import adapter_files, safetensors_io, target_patterns
 from test_adapters import make_gpt
 
 NAME = "blocks.0.attn.q_projx"  # our 20-character layer names (the probe's), plus one
@@ -27,7 +26,7 @@ NAME = "blocks.0.attn.q_projx"  # our 20-character layer names (the probe's), pl
 def test_catastrophic_patterns_are_refused_fast_naming_the_shape(pattern, shape):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=shape):
-        checks.check_target_pattern(pattern, "target_modules")
+        target_patterns.check_target_pattern(pattern, "target_modules")
     with pytest.raises(ValueError, match=shape):
         adapter_files.matches_targets(NAME, pattern)
     assert time.perf_counter() - start < 0.5
@@ -57,7 +56,7 @@ def test_a_downloaded_config_with_such_a_pattern_is_refused_before_matching(tmp_
     (r".*(q|k|v)_proj", ["blocks.0.attn.k_proj"]),
 ])
 def test_ordinary_peft_patterns_still_match_what_they_name(pattern, matches):
-    assert checks.check_target_pattern(pattern, "target_modules") == pattern
+    assert target_patterns.check_target_pattern(pattern, "target_modules") == pattern
     for name in matches:
         assert adapter_files.matches_targets(name, pattern)
     assert not adapter_files.matches_targets("blocks.0.mlp.up_proj", pattern)
@@ -67,7 +66,7 @@ def test_the_worst_allowed_pattern_stays_fast_on_long_names():
     """Three repeats over everything, the most the check allows, on a 200-character name that
     fails at the end: polynomial backtracking, ~n^4/24 steps, milliseconds."""
     pattern = ".*.*.*x"
-    checks.check_target_pattern(pattern, "target_modules")
+    target_patterns.check_target_pattern(pattern, "target_modules")
     start = time.perf_counter()
     assert not adapter_files.matches_targets("a" * 200, pattern)
     assert time.perf_counter() - start < 0.5
@@ -75,6 +74,6 @@ def test_the_worst_allowed_pattern_stays_fast_on_long_names():
 
 def test_an_over_long_pattern_and_an_invalid_one_are_one_line():
     with pytest.raises(ValueError, match="of 1001 characters; at most 1000"):
-        checks.check_target_pattern("a" * 1001, "target_modules")
+        target_patterns.check_target_pattern("a" * 1001, "target_modules")
     with pytest.raises(ValueError, match="is no regular expression"):
-        checks.check_target_pattern("(", "target_modules")
+        target_patterns.check_target_pattern("(", "target_modules")

@@ -25,6 +25,7 @@ docs/distributed.md has the commands, the figures and the tolerances.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 import time
@@ -89,6 +90,7 @@ def start(device: torch.device, broadcast_buffers: bool = False) -> tuple[World,
 
 def finish(world: World) -> None:
     if world.launched and dist.is_initialized():
+        gc.collect()  # every DDP freed while the group lives (see allreduce_bytes)
         dist.destroy_process_group()
 
 
@@ -189,6 +191,12 @@ def allreduce_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
             ddp = wrap(probe, world, "probe")  # kept: its reducer must outlive the backward
             _, loss = ddp(x, y)
             loss.backward()
+        # Free DDP while the registry still holds the group. Freed after destroy_process_group,
+        # the reducer would drop the group's last reference and join gloo's worker thread while
+        # holding the GIL, as the worker frees the hook's Python callback and waits for the GIL:
+        # a deadlock, about once in 300 probes before this order.
+        del ddp, loss
+        gc.collect()
         return world.traffic["probe"].per_step[0]
     finally:
         dist.destroy_process_group()
