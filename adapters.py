@@ -94,7 +94,7 @@ class AdapterLinear(nn.Module):
         return {name: getattr(self, name) for name in self.adapter_parameter_names}
 
     def adapter_config(self) -> dict:
-        """The PEFT config fields (adapter_files.py) that describe this layer."""
+        """The PEFT config fields (formats/adapter_files.py) that describe this layer."""
         raise NotImplementedError
 
     def adapter_metadata(self) -> dict[str, str]:

@@ -35,7 +35,7 @@ import nf4
 import train
 import vera
 from checks import check_choice, check_int
-from fast_paths.nf4_lookup import dequantize_nf4_chunked, quantize_nf4_chunked
+from fast_paths.nf4_lookup import dequantize_nf4_chunked, lookup_tables, quantize_nf4_chunked
 from formats import safetensors_io
 from paged_optim import PagedAdamW
 from training import memory
@@ -187,16 +187,14 @@ def bench_nf4(ctx) -> list:
     tensor (as it returns) or not."""
     bnb, side, rows = optional("bitsandbytes.functional"), ctx.nf4_side, []
     bnb_args = dict(blocksize=nf4.DEFAULT_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
-    code, dynamic = nf4.nf4_code(), nf4.dynamic_code()
+    tables = lookup_tables(nf4.nf4_code(), nf4.dynamic_code(), ctx.device)
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(SEED)
         w, src = (torch.randn(side, side, generator=g).to(ctx.device, dtype) for _ in range(2))
         q, dst, out = nf4.quantize_nf4(w), torch.empty_like(w), torch.empty_like(w)
-        calls = {"quantize": lambda: quantize_nf4_chunked(w, nf4.DEFAULT_BLOCKSIZE, True, code,
-                                                          dynamic),
-                 "dequantize": lambda: dequantize_nf4_chunked(q, dtype, code, dynamic),
-                 "dequantize into": lambda: dequantize_nf4_chunked(q, dtype, code, dynamic,
-                                                                   out=out),
+        calls = {"quantize": lambda: quantize_nf4_chunked(w, nf4.DEFAULT_BLOCKSIZE, True, tables),
+                 "dequantize": lambda: dequantize_nf4_chunked(q, dtype, tables),
+                 "dequantize into": lambda: dequantize_nf4_chunked(q, dtype, tables, out=out),
                  "reference quantize": lambda: nf4.quantize_nf4(w),
                  "reference dequantize": lambda: nf4.dequantize_nf4(q),
                  "copy_": lambda: dst.copy_(src), "clone": src.clone}

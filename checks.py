@@ -4,7 +4,8 @@ Each checker raises a ValueError or TypeError whose message names the argument, 
 accepts and shows what it got, and returns the value so a constructor can write
 `self.r = check_int(r, "r", low=1)`. Checks run where a value enters the library (constructors,
 public functions, a layer's input), not on every use of it. The entry points' flags are built on
-them in training/flags.py; a file format's own fields are checked in formats/.
+them in training/flags.py; the target_modules patterns of adapter files are checked in
+formats/target_patterns.py.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ it departs from the paper, the function that follows it says how. w: n values in
 
 These are the references, written for reading. The same bits, faster (lookup tables, chunks that
 stay in cache), are fast_paths/nf4_lookup.py's, checked against these through oracle.py.
-Arguments are checked at the doors: quantize_nf4, dequantize_nf4 and NF4Weight (whose field
-checks make this file longer than 250 lines: the stored format's door).
+Arguments are checked at the doors: quantize_nf4, dequantize_nf4 and NF4Weight (through
+checks.py).
 """
 import functools
 import math
@@ -267,12 +267,11 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
     if w.numel() % blocksize:
         # bitsandbytes' 4-bit path stores a partial last block's absmax clamped
         absmax[-1:].clamp_(min=ABSMAX_FLOOR)
-    if not double_quant:
-        return NF4Weight(pack_nibbles(indices), absmax, None, None, w.shape, w.dtype, blocksize,
-                         None, check_values=False)
-    codes, nested_absmax, offset = double_quantize(absmax)
-    return NF4Weight(pack_nibbles(indices), codes, nested_absmax, offset, w.shape, w.dtype,
-                     blocksize, NESTED_BLOCKSIZE, check_values=False)
+    no_nesting = (absmax, None, None)
+    scales, nested_absmax, offset = double_quantize(absmax) if double_quant else no_nesting
+    nested_blocksize = NESTED_BLOCKSIZE if double_quant else None
+    return NF4Weight(pack_nibbles(indices), scales, nested_absmax, offset, w.shape, w.dtype,
+                     blocksize, nested_blocksize, check_values=False)
 
 
 def block_scales(q: NF4Weight) -> torch.Tensor:

@@ -151,10 +151,12 @@ def check_lora_forward(fn, examples=50, device="cpu", derandomize=True, gradient
     (..., in), weight (out, in), bias (out,) or None, A (r, in), B (out, r); with `gradients`, also
     dL/dx, dL/dA, dL/dB through torch.autograd for a drawn dL/dy.
 
-    Tolerance against float64 exact values: TOLERANCE[weight.dtype] x the largest sum of absolute
-    terms of each output (see TOLERANCE: any summation order passes, a 16-bit rounding too many in
-    float32 does not). Draws rank 1-4, widths 1-9, leading dims (), (1,), (3,), (2, 3), bias or
-    not, float32/float16/bfloat16 bases with float32 adapters, B not zero, five scalings.
+    Tolerance against float64 exact values: oracle_kit.references.TOLERANCE[dtype] x the largest
+    sum of absolute terms of each output (any summation order passes, a 16-bit rounding too many in
+    float32 does not), with the base's 16-bit dtype only for the outputs its rounding enters
+    (references.BASE_ROUNDED: y, dL/dx); dL/dA and dL/dB keep float32's. Draws rank 1-4, widths
+    1-9, leading dims (), (1,), (3,), (2, 3), bias or not, float32/float16/bfloat16 bases with
+    float32 adapters, B not zero, five scalings.
     """
     return _check("lora_forward", fn, examples, device, derandomize, gradients=gradients)
 
@@ -165,8 +167,9 @@ def check_dora_forward(fn, examples=50, device="cpu", derandomize=True, gradient
     The contract (dora.dora_forward without dropout): V = W0 + scaling B A, for each output row i
     n_i = max(||V_i||, 1e-12), y = (magnitude / n) ⊙ (V x) + b (the bias is not rescaled); gradients
     treat n as a constant (the detached norm of section 4.3). magnitude (out,) has the adapters'
-    dtype. Tolerance as check_lora_forward's times the condition of the row norms (see
-    adapter_tolerances: n divides every output). Draws as LoRA's, plus a zero row of V (no NaN).
+    dtype. Tolerance as check_lora_forward's times the condition of the row norms
+    (oracle_kit.references.adapter_tolerances: n divides every output). Draws as LoRA's, plus a
+    zero row of V (no NaN).
     """
     return _check("dora_forward", fn, examples, device, derandomize, gradients=gradients)
 

@@ -9,7 +9,7 @@ alpha = 1, so the decay is lr * lambda); t counts updates from 1:
 Elementwise: a tensor cut into pages updates to the same bits. Paging as in QLoRA (Dettmers et al.,
 arXiv 2305.14314, section 3) by copies that `PageTable` decides (bitsandbytes: CUDA unified memory).
 No amsgrad, maximize, fused, tensor lr, complex parameters. Speed-ups live in fast_paths/ (foreach
-update, runs and copies, CUDA side stream). 300 lines: AdamW's state dict, loaded with checks.
+update, runs and copies, CUDA side stream).
 """
 import dataclasses
 from collections import OrderedDict, defaultdict
@@ -246,10 +246,13 @@ class PagedAdamW(torch.optim.Optimizer):
                        for p, g, m, v in zip(params, grads, m_pages, v_pages)]
         hyper = [run[0][0][key] for key in ("lr", "betas", "eps", "weight_decay")]
         # equals adamw_step: tests/test_paged_optim.py::test_adamw_step_foreach_passes_the_oracle
-        adamw_step_foreach([piece for piece in pieces if supported(piece[0])], *hyper)
+        batched = []
         for piece in pieces:
-            if not supported(piece[0]):
-                adamw_step(*piece, *hyper)
+            if supported(piece[0]):
+                batched.append(piece)
+            else:
+                adamw_step(*piece, *hyper)  # CUDA and 16-bit tensors: one at a time
+        adamw_step_foreach(batched, *hyper)
 
     def state_dict(self):
         """AdamW's layout ({"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"})."""

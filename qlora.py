@@ -18,9 +18,10 @@ Deviations from the paper:
 - NF4Linear returns its output in the input's dtype, like bitsandbytes' Linear4bit, so a float32
   model with a bfloat16-compute base keeps float32 activations between layers.
 - The paged optimizer pages explicitly (paged_optim.py), not through CUDA unified memory.
-Longer than 250 lines for NF4Linear's door: a state dict of another layout is refused clearly.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from checks import (
     check_quantized_state,
     check_tensor,
 )
-from fast_paths.nf4_lookup import dequantize_nf4_chunked
+from fast_paths.nf4_lookup import dequantize_nf4_chunked, lookup_tables
 from paged_optim import DEFAULT_PAGE_BYTES, PagedAdamW
 
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16  # "BFloat16 as computation data type" (sec. 3)
@@ -85,18 +86,24 @@ def nf4_linear_input_grad(grad_out, q: nf4.NF4Weight,
 # --------------------------------------------------------------------------------------------------
 # 2. Autograd without a dense W: forward and backward each dequantize into a temporary.
 
+@functools.lru_cache(maxsize=None)
+def _lookup_tables(device: torch.device) -> dict:
+    return lookup_tables(nf4.nf4_code(), nf4.dynamic_code(), device)
+
+
 def _dense_weight(q: nf4.NF4Weight, compute_dtype: torch.dtype) -> torch.Tensor:
     """double_dequant(q, compute_dtype), bit for bit, by the lookup kernel (what the reference
     would cost the layer instead: docs/benchmarks.md, "NF4Linear: reference or kernel")."""
     if compute_dtype == torch.float64:
         return double_dequant(q, compute_dtype)
     # equals nf4.dequantize_nf4: tests/test_nf4.py::test_lookup_kernels_pass_the_oracle
-    return dequantize_nf4_chunked(q, compute_dtype, nf4.nf4_code(), nf4.dynamic_code())
+    return dequantize_nf4_chunked(q, compute_dtype, _lookup_tables(q.packed.device))
 
 
 class _NF4LinearFunction(torch.autograd.Function):
-    """y = x W^T + b, dL/dx = nf4_linear_input_grad: nothing larger than the 4-bit storage is kept
-    for backward (bitsandbytes' MatMul4Bit does the same). x and b arrive in the compute dtype."""
+    """y = x W^T + b, dL/dx = dL/dy W (nf4_linear_input_grad, with the lookup kernel's W): nothing
+    larger than the 4-bit storage is kept for backward (bitsandbytes' MatMul4Bit does the same).
+    x and b arrive in the compute dtype."""
 
     @staticmethod
     def forward(ctx, x, bias, q: nf4.NF4Weight, compute_dtype):

@@ -271,7 +271,7 @@ def progress(label, done, steps, loss, cfg, elapsed, steps_here):
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):  # binary units: each is 1024 of the one before
-        if n < 1024 or unit == "GB":
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 

@@ -83,10 +83,10 @@ def _pack(indices: torch.Tensor, pad_index: int) -> torch.Tensor:
 
 
 def quantize_nf4_chunked(w: torch.Tensor, blocksize: int, double_quant: bool,
-                         code: torch.Tensor, dynamic: torch.Tensor) -> dict:
+                         tables: dict) -> dict:
     """nf4.quantize_nf4(w, blocksize, double_quant)'s tensors, bit for bit: {"packed", "absmax",
-    "nested_absmax", "offset"} (the last two None without double quantization). w finite."""
-    tables = lookup_tables(code, dynamic, w.device)
+    "nested_absmax", "offset"} (the last two None without double quantization). w finite;
+    `tables`: lookup_tables(nf4_code(), dynamic_code(), w.device)."""
     flat = w.detach().reshape(-1)  # (n,)
     step = max(QUANTIZE_CHUNK_VALUES // blocksize, 1) * blocksize  # whole blocks, an even count
     absmax = [w.new_empty(0, dtype=torch.float32)]
@@ -119,11 +119,13 @@ def _block_scales(q, tables) -> torch.Tensor:
     return scales.mul_(q.nested_absmax[:, None]).add_(q.offset).view(-1)[: codes.numel()]
 
 
-def dequantize_nf4_chunked(q, dtype, code: torch.Tensor, dynamic: torch.Tensor, *,
+def dequantize_nf4_chunked(q, dtype, tables: dict, *,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """nf4.dequantize_nf4(q, dtype), bit for bit, for q an nf4.NF4Weight (read by its fields): a
     byte's values gathered as an int64 into a float32 buffer in cache, then scaled into a new
-    tensor or `out` (contiguous, q.shape, on q's device). dtype None: out's, else q.dtype."""
+    tensor or `out` (contiguous, q.shape, on q's device). dtype None: out's, else q.dtype.
+    `tables`: lookup_tables(nf4_code(), dynamic_code(), q's device), looked up once by the caller
+    (building their key from the code tables costs a quarter of a small layer's dequantize)."""
     device = q.packed.device
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -132,7 +134,6 @@ def dequantize_nf4_chunked(q, dtype, code: torch.Tensor, dynamic: torch.Tensor, 
     if out is not None and (out.dtype, out.shape, out.device, out.is_contiguous()) != (
             dtype, q.shape, device, True):
         raise ValueError(f"out must be contiguous, {dtype}, {tuple(q.shape)}, on {device}")
-    tables = lookup_tables(code, dynamic, device)
     absmax = _block_scales(q, tables)
     n = q.numel
     blocksize = q.blocksize

@@ -8,7 +8,8 @@ DIR/manifest.json, {"cases": [{"file", "function", "args", "inputs", "outputs", 
 the tensors named in "inputs" and "outputs" are in the file, "args" are the function's other
 arguments, "rules" how each output is compared (references.output_rules), "atol" the tolerance of
 each float64 output, "case" what oracle_kit.cases.case_inputs rebuilds the inputs from. The files
-are the same bytes whichever CPU capability writes them (tests/test_oracle_kit_golden.py).
+are the same bytes whichever CPU capability writes them
+(tests/test_oracle_compare.py::test_golden_files_and_tables_are_the_same_bytes_under_the_default_cpu_capability).
 `python oracle.py verify DIR` recomputes every case with the reference and prints a line per case
 that differs (exit status 1 if any). `python oracle.py compare DIR CANDIDATES [--only FUNCTION]`
 reads a port's outputs, CANDIDATES/<the case's file name> with the manifest's output names, and

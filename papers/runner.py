@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 
 import adapters
+from formats.safetensors_io import atomic_write
 from train import (
     METHOD_DEFAULTS,
     QUICK,
@@ -206,18 +207,10 @@ def text_table(header, rows) -> str:
 # ---------------------------------------------------------------------------------- running one
 
 def write_json_atomically(path: str, payload) -> None:
-    """JSON through a temporary file in the same folder and os.replace: all or nothing."""
-    text = json.dumps(payload, indent=1, allow_nan=False)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes it 0o600: the JSON is for every reader
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+    """JSON, all or nothing (formats.safetensors_io.atomic_write: a temporary file, then a
+    rename)."""
+    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def finite(tree):
@@ -260,8 +253,6 @@ def run_experiment(experiment: Experiment, size: str, seeds, out: str, device="c
             figures = figures or out
             os.makedirs(figures, exist_ok=True)
             figure = os.path.join(figures, f"{experiment.name}.png")
-            temporary = os.path.join(figures, f".{experiment.name}.tmp.png")
-            experiment.plot(result, temporary)
-            os.replace(temporary, figure)
+            atomic_write(figure, lambda f: experiment.plot(result, f))  # savefig: PNG to f
             print(f"wrote {figure}")
     return payload

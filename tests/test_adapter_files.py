@@ -1,5 +1,5 @@
-"""Tests for adapter_files.py: adapter directories in PEFT's format, saved and loaded by us, by
-PEFT 0.21.2 and by the `safetensors` package (the oracles), and every refusal.
+"""Tests for formats/adapter_files.py: adapter directories in PEFT's format, saved and loaded by
+us, by PEFT 0.21.2 and by the `safetensors` package (the oracles), and every refusal.
 
 Tolerances: logits of two implementations of the same adapter (ours, PEFT's) in float32 agree to
 1e-5 of the largest logit (the issue's figure; they sum in other orders: seen 6e-8 absolute on

@@ -38,8 +38,7 @@ def test_bits_per_parameter_for_the_tiny_gpt_shapes(n_embd, double_quant):
 
 def test_memory_report_counts_every_byte():
     """One block of the default width (128): every figure from shapes, and the total equals the
-    bytes
-    of all parameters, buffers, gradients and optimizer moments."""
+    bytes of all parameters, buffers, gradients and optimizer moments."""
     C, r, V = 128, 8, 13
     model, optimizer = qlora.prepare_qlora(make_gpt(0, n_layer=1, n_embd=C, vocab_size=V), r=r,
                                            compute_dtype=torch.float32, seed=0)

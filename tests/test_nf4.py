@@ -107,18 +107,20 @@ def chunk_sizes(quantize_values, dequantize_bytes):
         nf4_lookup.QUANTIZE_CHUNK_VALUES, nf4_lookup.DEQUANTIZE_CHUNK_BYTES = original
 
 
+def tables_on(device):
+    return nf4_lookup.lookup_tables(nf4.nf4_code(), nf4.dynamic_code(), device)
+
+
 def fast_quantize(w, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quant=True):
     """fast_paths/nf4_lookup.py's quantizer, its tensors as an NF4Weight (as nf4.quantize_nf4)."""
-    tensors = nf4_lookup.quantize_nf4_chunked(w, blocksize, double_quant, nf4.nf4_code(),
-                                              nf4.dynamic_code())
+    tensors = nf4_lookup.quantize_nf4_chunked(w, blocksize, double_quant, tables_on(w.device))
     nested_blocksize = nf4.NESTED_BLOCKSIZE if double_quant else None
     return nf4.NF4Weight.from_tensors(tensors, w.shape, w.dtype, blocksize, nested_blocksize)
 
 
 def fast_dequantize(q, dtype=None, *, out=None):
     """fast_paths/nf4_lookup.py's dequantizer (nf4.dequantize_nf4's twin)."""
-    return nf4_lookup.dequantize_nf4_chunked(q, dtype, nf4.nf4_code(), nf4.dynamic_code(),
-                                             out=out)
+    return nf4_lookup.dequantize_nf4_chunked(q, dtype, tables_on(q.packed.device), out=out)
 
 
 blocksizes = st.sampled_from(nf4.ALLOWED_BLOCKSIZES)
@@ -377,8 +379,7 @@ def test_lookup_kernels_pass_the_oracle():
     """The project's own fast paths are the oracle's first clients (quantize: a mapping of the
     stored tensors; dequantize: a tensor), through the checkers any other implementation uses."""
     def quantize(w, blocksize, double_quant):
-        return nf4_lookup.quantize_nf4_chunked(w, blocksize, double_quant, nf4.nf4_code(),
-                                               nf4.dynamic_code())
+        return nf4_lookup.quantize_nf4_chunked(w, blocksize, double_quant, tables_on(w.device))
     assert oracle.check_nf4_quantize(quantize, examples=10)
     assert oracle.check_nf4_dequantize(fast_dequantize, examples=10)
 

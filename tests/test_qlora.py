@@ -31,7 +31,7 @@ import adapters
 import lora
 import nf4
 import qlora
-from assertions import assert_same
+from assertions import assert_gradcheck, assert_same
 from paged_optim import PagedAdamW
 from tiny_gpt import GPT, GPTConfig
 
@@ -456,7 +456,8 @@ def test_gradcheck_of_the_backward_that_dequantizes_again(double_quant, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2, in_features, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: qlora.nf4_linear(x, q, b, torch.float64), (x, b))
+    assert_gradcheck(lambda x, b: qlora.nf4_linear(x, q, b, torch.float64), (x, b),
+                     "qlora.nf4_linear_input_grad")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""runs.py: the texts and their tokens, and the run folder's files with their checksums (the run
-folder a whole `train.py` run fills is tested in test_train.py and test_sample.py).
-"""
+"""training/runs.py: the texts and their tokens, and the run folder's files with their
+checksums (the run folder a whole `train.py` run fills is tested in test_train.py and
+test_sample.py)."""
 import pytest
 import torch
 

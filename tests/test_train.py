@@ -115,14 +115,6 @@ def test_format_table_aligns_any_columns():
     assert table.splitlines() == ["name  value", "----  -----", "a       1.0", "long   22.2"]
 
 
-def test_train_and_sample_lines_fit_100_characters():
-    # No line-count cap (issue 21: PEP 8 spacing instead); ruff checks the rest of the layout.
-    for name in ("train.py", "sample.py"):
-        with open(os.path.join(os.path.dirname(train.__file__), name), encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        assert max(len(line) for line in lines) <= 100, name
-
-
 # ----------------------------------------------------------------------------------- the loop
 
 class Crash(Exception):
@@ -443,3 +435,10 @@ def test_cuda_on_a_machine_without_it_is_a_flag_error(tmp_path, capsys, monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     status, err = run_main(["--quick", "--out", str(tmp_path), "--device", "cuda"], capsys)
     assert status == 2 and "--device: CUDA is not available" in one_line(err)
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
+                                     (3 * 2**20 // 2, "1.5 MiB"), (2**30, "1.0 GiB"),
+                                     (2**41, "2048.0 GiB")])
+def test_human_bytes_uses_binary_units_and_stops_at_gib(n, text):
+    assert train.human_bytes(n) == text

@@ -11,7 +11,8 @@ gradients); a frozen weight has no gradient, so it never crosses the wire: only 
 Buffers: by default DDP broadcasts every buffer from rank 0 before each forward, for modules whose
 buffers change as they run (batch norm's running statistics). Ours never change while training
 (QLoRA's NF4 codes and scales, VeRA's shared pair, the adapters' merge flags), so `wrap` passes
-forward_sync_buffers=False (torch 2.13's new name for broadcast_buffers=False); DDP still copies
+forward_sync_buffers=False (torch 2.13's new name for broadcast_buffers) unless
+--broadcast-buffers asks for DDP's default, to measure it; DDP still copies
 rank 0's parameters and buffers to every rank once, when it wraps the model.
 `Traffic.buffer_bytes` says what each step's broadcast would have sent.
 
