@@ -336,6 +336,9 @@ def pretrain(cfg: TrainConfig, corpus: Corpus, out: str, device,
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     path, ckpt, corrupt = os.path.join(out, f"base-{key}.pt"), None, None
     world = world or distributed.World()
+    # under torchrun rank 0 arrives holding the folder's base lock: no rank reads the cache while
+    # another run into the same folder is still writing it
+    distributed.barrier(world)
     try:
         ckpt = read_checkpoint(path) if os.path.exists(path) else None
     except CorruptFile as error:  # a cache is never trusted blindly: set it aside, pretrain again
