@@ -11,7 +11,6 @@ import torch
 
 import nf4
 from oracle_kit import contracts, guards
-from oracle_kit.references import raw_bits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64, "uint8": torch.uint8}
@@ -19,7 +18,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def ordered_bits(t: torch.Tensor) -> torch.Tensor:
     """The bit patterns of t as ordered integers: adjacent floats differ by 1 (-0.0 and 0.0: 0)."""
-    bits = raw_bits(t)
+    bits = contracts.raw_bits(t)
     if not t.is_floating_point():
         return bits
     return torch.where(bits < 0, -(bits + (1 << (8 * t.element_size() - 1))), bits)
@@ -106,7 +105,7 @@ def _break(contract, name, rule, want, have, inputs) -> str | None:
         bad = ~(error <= rule["atol"])  # NaN is bad
     else:  # "exact" and "exact_given_offset": bit for bit
         error = (ordered_bits(have) - ordered_bits(want)).abs()
-        bad = raw_bits(have) != raw_bits(want)
+        bad = contracts.raw_bits(have) != contracts.raw_bits(want)
     if not bool(bad.any()):
         return None
     i = int(bad.nonzero()[0])

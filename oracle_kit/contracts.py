@@ -137,3 +137,10 @@ def adamw_exact_calls(inputs: dict) -> list:
                       "exp_avg_after": (m, ADAMW_SAFETY * error_m),
                       "exp_avg_sq_after": (v, ADAMW_SAFETY * error_v)})
     return calls
+
+
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t, flattened, as int64: equal only where the bits are (-0.0 != 0.0)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]
+    return t.view(integer).long()

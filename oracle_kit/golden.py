@@ -29,12 +29,12 @@ from formats import safe_open, safetensors_io
 from oracle_kit import contracts
 from oracle_kit.cases import DTYPES, GOLDEN, case_inputs
 from oracle_kit.comparing import compare_outputs
+from oracle_kit.contracts import raw_bits
 from oracle_kit.references import (
     ADAPTER_ARGS,
     FUNCTIONS,
     expected_outputs,
     output_rules,
-    raw_bits,
 )
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 import nf4
+from oracle_kit.contracts import raw_bits
 
 
 def check_device(device) -> str:
@@ -43,11 +44,6 @@ def candidate_copy(value):
     return value
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).reshape(flat.numel(), flat.element_size())  # (n, bytes)
-
-
 def first_change(name: str, original, copy) -> str | None:
     """None if the candidate left its copy of input `name` as it was given, else a line naming the
     input and its first changed element (compared bit for bit: NaN and -0.0 included)."""
@@ -63,7 +59,7 @@ def first_change(name: str, original, copy) -> str | None:
             or copy.dtype != original.dtype or copy.device != original.device:
         return (f"fn changed its input {name}: it was {_place(original)}, now {_place(copy)}; a "
                 f"kernel must not write into its inputs")
-    different = (_bits(copy) != _bits(original)).any(dim=1)  # (n,)
+    different = raw_bits(copy) != raw_bits(original)  # (n,)
     if not bool(different.any()):
         return None
     flat = int(different.nonzero()[0])

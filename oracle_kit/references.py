@@ -235,10 +235,3 @@ def adapter_tolerances(contract: str, inputs: dict, expected: dict, gradients=Tr
             rounded = name in BASE_ROUNDED[contract]
             atol[name] = (base if rounded else TOLERANCE[torch.float32]) * condition * largest
     return atol
-
-
-def raw_bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of t, flattened, as int64: equal only where the bits are (-0.0 != 0.0)."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]
-    return t.view(integer).long()

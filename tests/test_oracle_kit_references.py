@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from oracle_kit import references
+from oracle_kit import contracts, references
 
 CONCEPT_MODULES = {"nf4", "lora", "dora", "vera", "paged_optim"}
 
@@ -42,12 +42,12 @@ def test_the_tolerance_scales_with_the_absolute_terms_not_the_cancelled_result()
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_raw_bits_tell_negative_zero_from_zero_and_nothing_else_apart(dtype):
     values = torch.tensor([0.0, -0.0, 1.0, -2.5], dtype=dtype)
-    bits = references.raw_bits(values)
+    bits = contracts.raw_bits(values)
     assert bits.dtype == torch.int64 and bits.shape == (4,)
     assert len(set(bits.tolist())) == 4
-    assert references.raw_bits(values.clone()).equal(bits)
+    assert contracts.raw_bits(values.clone()).equal(bits)
 
 
 def test_raw_bits_of_bytes_are_the_bytes():
     packed = torch.tensor([[0, 255], [16, 1]], dtype=torch.uint8)
-    assert references.raw_bits(packed).tolist() == [0, 255, 16, 1]
+    assert contracts.raw_bits(packed).tolist() == [0, 255, 16, 1]
